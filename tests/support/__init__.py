@@ -1,0 +1,1 @@
+"""Test infrastructure: real peers (Orthanc, DCMTK), generated data, validators."""
