@@ -54,7 +54,7 @@ class Manifest:
     job_id: str
     study_uid: str
     series_uid: str
-    model: str
+    models: tuple[str, ...]  # every configured model runs on the series, in this order
     files: tuple[Path, ...]  # the instances of the selected series, in slice order
 
     def to_json(self) -> str:
@@ -63,7 +63,7 @@ class Manifest:
                 "job_id": self.job_id,
                 "study_uid": self.study_uid,
                 "series_uid": self.series_uid,
-                "model": self.model,
+                "models": list(self.models),
                 "files": [str(p) for p in self.files],
             },
             indent=1,
@@ -76,6 +76,6 @@ class Manifest:
             job_id=raw["job_id"],
             study_uid=raw["study_uid"],
             series_uid=raw["series_uid"],
-            model=raw["model"],
+            models=tuple(raw["models"]),
             files=tuple(Path(p) for p in raw["files"]),
         )

@@ -14,7 +14,7 @@ def shared_data(*parts: str) -> Path:
     """Return a path under ../shared/data, or skip the test with a clear message if it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared test data not found at {path} (expected ../shared/data beside the repo)")
+        pytest.skip(f"shared test data not found at {path} (expected ../shared/data beside repo)")
     return path
 
 

@@ -1,0 +1,198 @@
+"""The assembler thread: records arrivals, seals quiet studies, writes manifests, enqueues jobs."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.assembly.policy import Clock, is_complete
+from agent.db import (
+    IN_FLIGHT,
+    ArrivedInstance,
+    Database,
+    InvalidTransition,
+    State,
+    Study,
+    Superseded,
+)
+from agent.domain import Manifest
+from agent.errors import RetryableError, StudySkipped
+from agent.inference.volume import read_header, select_series
+from agent.logs import log_context
+from agent.spool.layout import SpoolLayout
+from agent.spool.scanner import clear_partial_writes, unknown_instances
+from agent.spool.writer import write_atomic
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str, Path], None]
+WAITING_FOR_BROKER = "waiting for broker"
+
+
+class Assembler:
+    """Owns every write of arrivals and of receiving -> complete -> queued.
+
+    The receiver only puts arrivals on an in-memory queue, so a C-STORE never waits on the
+    database; the spool scan at start recovers anything acknowledged but not yet recorded.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        layout: SpoolLayout,
+        *,
+        quiet_seconds: float,
+        models: tuple[str, ...],
+        enqueue: Enqueue,
+        clock: Clock,
+        tick_seconds: float | None = None,
+    ) -> None:
+        self._db = db
+        self._layout = layout
+        self._quiet = quiet_seconds
+        self._models = models
+        self._enqueue = enqueue
+        self._clock = clock
+        self._tick = tick_seconds if tick_seconds is not None else min(1.0, quiet_seconds / 4)
+        self._inbox: queue.Queue[ArrivedInstance] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- called from receiver threads ---------------------------------------------------------
+
+    def submit(self, arrival: ArrivedInstance) -> None:
+        self._inbox.put(arrival)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def resume(self, *, requeue_in_flight: bool) -> None:
+        """Recover after a stop or crash: nothing acknowledged is forgotten.
+
+        With an in-process broker every queued message died with the process, so jobs in flight
+        are sent again; with Redis they are still there (acks_late), and only `queued` studies,
+        whose message may never have been sent, are sent again (a duplicate is harmless).
+        """
+        stray = clear_partial_writes(self._layout)
+        if stray:
+            log.info("removed %d partial writes that were never acknowledged", stray)
+        found = list(unknown_instances(self._layout, self._db.known_paths()))
+        if found:
+            log.info("recovered %d spooled instances missing from the database", len(found))
+            self._db.record_arrivals(found)
+        states = IN_FLIGHT if requeue_in_flight else frozenset({State.QUEUED})
+        for study in self._db.in_states(states):
+            if study.job_id is not None:
+                self._send(study.study_uid, study.study_key, study.job_id)
+        for study in self._db.in_states([State.COMPLETE]):
+            self._seal(study)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.drain()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.drain(wait=self._tick)
+                self.seal_quiet_studies()
+                self.retry_waiting()
+            except Exception:  # keep assembling whatever one study did
+                log.exception("assembler iteration failed; retrying")
+                self._stop.wait(self._tick)
+
+    # -- one step each (also called directly by tests) ------------------------------------------
+
+    def drain(self, wait: float = 0.0) -> int:
+        batch: list[ArrivedInstance] = []
+        try:
+            batch.append(self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait())
+            while len(batch) < 1000:
+                batch.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if batch:
+            self._db.record_arrivals(batch)
+        return len(batch)
+
+    def seal_quiet_studies(self) -> None:
+        now = self._clock.now()
+        for study in self._db.in_states([State.RECEIVING]):
+            if is_complete(study.last_arrival, now, self._quiet):
+                self._seal(study)
+
+    def retry_waiting(self) -> None:
+        for study in self._db.in_states([State.QUEUED]):
+            if study.reason.startswith(WAITING_FOR_BROKER) and study.job_id is not None:
+                if self._send(study.study_uid, study.study_key, study.job_id):
+                    try:
+                        self._db.transition(
+                            study.study_uid,
+                            State.QUEUED,
+                            "sent to broker",
+                            expect_job=study.job_id,
+                            expect_state=[State.QUEUED],
+                        )
+                    except (InvalidTransition, Superseded):
+                        pass  # a worker has already moved it on
+
+    def _seal(self, study: Study) -> None:
+        with log_context(study=study.study_key):
+            paths = [p for p in self._db.instance_paths(study.id) if p.exists()]
+            if study.state == State.RECEIVING:
+                self._db.transition(
+                    study.study_uid,
+                    State.COMPLETE,
+                    f"{len(paths)} instances",
+                    expect_state=[State.RECEIVING],
+                )
+            try:
+                files = select_series({p: read_header(p) for p in paths})
+            except StudySkipped as skip:
+                log.info("study skipped: %s", skip.reason)
+                self._db.transition(study.study_uid, State.SKIPPED, skip.reason)
+                return
+            job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
+            series_uid = str(read_header(files[0]).SeriesInstanceUID)
+            manifest = Manifest(job_id, study.study_uid, series_uid, self._models, files)
+            manifest_path = self._layout.manifest_path(job_id)
+            write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
+            self._db.transition(
+                study.study_uid,
+                State.QUEUED,
+                f"series of {len(files)} slices",
+                job_id=job_id,
+                expect_state=[State.COMPLETE],
+            )
+            log.info("study complete: %d slices selected, job %s", len(files), job_id)
+            self._send(study.study_uid, study.study_key, job_id)
+
+    def _send(self, study_uid: str, key: str, job_id: str) -> bool:
+        with log_context(study=key, job=job_id):
+            try:
+                self._enqueue(job_id, self._layout.manifest_path(job_id))
+            except RetryableError as exc:
+                log.warning("cannot enqueue yet: %s", exc)
+                if not self._db_reason_is_waiting(study_uid):
+                    self._db.transition(
+                        study_uid,
+                        State.QUEUED,
+                        f"{WAITING_FOR_BROKER}: {exc}",
+                        expect_job=job_id,
+                        expect_state=[State.QUEUED],
+                    )
+                return False
+            return True
+
+    def _db_reason_is_waiting(self, study_uid: str) -> bool:
+        study = self._db.get(study_uid)
+        return study is not None and study.reason.startswith(WAITING_FOR_BROKER)

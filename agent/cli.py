@@ -1,0 +1,246 @@
+"""Composition root: parse arguments, load settings, configure logging, run one role."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from celery import Celery
+from sqlalchemy import text
+
+from agent.assembly.assembler import Assembler
+from agent.assembly.policy import SystemClock
+from agent.db import Database
+from agent.errors import AgentError, ConfigError
+from agent.export import dimse
+from agent.logs import configure_logging
+from agent.pipeline import PipelineContext
+from agent.settings import Settings, load_settings
+from agent.spool.layout import SpoolLayout
+from agent.spool.writer import write_atomic
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _context(settings: Settings) -> PipelineContext:
+    layout = SpoolLayout(settings.spool.path)
+    layout.create()
+    db = Database(settings.database_url)
+    db.create_schema()
+    return PipelineContext(settings, db, layout)
+
+
+def _run_worker(app: Celery, settings: Settings, queues: list[str], name: str) -> None:
+    """Run a Celery worker in this thread until SIGTERM/SIGINT (warm shutdown)."""
+    worker = app.Worker(
+        pool="solo",  # one process per GPU: the model stays loaded between tasks
+        concurrency=1,
+        queues=queues,
+        hostname=f"{name}-{uuid.uuid4().hex[:6]}@%h",
+        loglevel=settings.logging.level,
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=settings.queue.embedded,
+        quiet=True,
+    )
+    worker.start()
+
+
+def cmd_serve(settings: Settings) -> int:
+    from agent.queue.app import create_app, enqueuer
+    from agent.receive.scp import start_receiver
+
+    ctx = _context(settings)
+    app = create_app(settings, lambda: ctx)
+    assembler = Assembler(
+        ctx.db,
+        ctx.layout,
+        quiet_seconds=settings.study.quiet_seconds,
+        models=tuple(m.name for m in settings.models),
+        enqueue=enqueuer(app),
+        clock=SystemClock(),
+    )
+    assembler.resume(requeue_in_flight=settings.queue.embedded)
+    server = start_receiver(settings.receiver, ctx.layout, assembler.submit)
+    assembler.start()
+    try:
+        if settings.queue.embedded:
+            log.info("embedded worker on the in-memory broker")
+            _run_worker(app, settings, ["gpu", "io"], "serve")
+        else:
+            _wait_for_signal()
+    finally:
+        server.shutdown()
+        assembler.stop()
+        ctx.db.dispose()
+        log.info("stopped")
+    return EXIT_OK
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    stop.wait()
+
+
+def cmd_worker(settings: Settings, queue: str) -> int:
+    if settings.queue.embedded:
+        raise ConfigError(
+            "[queue] broker_url is memory://: the in-memory broker only works inside "
+            "`pacs-agent serve`; set broker_url to redis://... for separate workers"
+        )
+    from agent.queue.app import create_app
+
+    ctx = _context(settings)
+    app = create_app(settings, lambda: ctx)
+    queues = ["gpu", "io"] if queue == "all" else [queue]
+    _run_worker(app, settings, queues, f"worker-{queue}")
+    return EXIT_OK
+
+
+def cmd_status(settings: Settings, limit: int) -> int:
+    db = Database(settings.database_url)
+    db.create_schema()
+    try:
+        rows = db.recent(limit)
+    finally:
+        db.dispose()
+    if not rows:
+        print("no studies yet")
+    for row in rows:
+        stages = " ".join(f"{state}={at.strftime('%H:%M:%S')}" for state, at in row.stages)
+        reason = f" ({row.reason})" if row.reason else ""
+        print(f"{row.study_key}  {row.state}{reason}  {row.instance_count} instances  {stages}")
+    return EXIT_OK
+
+
+def _check(name: str, action: object) -> bool:
+    try:
+        action()  # type: ignore[operator]
+    except Exception as exc:  # the CLI boundary: report, do not crash
+        print(f"FAIL  {name}: {exc}")
+        return False
+    print(f"ok    {name}")
+    return True
+
+
+def cmd_check_config(settings: Settings) -> int:
+    layout = SpoolLayout(settings.spool.path)
+
+    def spool() -> None:
+        layout.create()
+        probe = layout.tmp / f"probe-{uuid.uuid4().hex}"
+        write_atomic(probe, [b"probe"], layout.tmp)
+        probe.unlink()
+
+    def database() -> None:
+        db = Database(settings.database_url)
+        try:
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            db.dispose()
+
+    def broker() -> None:
+        if settings.queue.embedded:
+            return
+        from celery import Celery
+
+        app = Celery("pacs_agent_check", broker=settings.queue.broker_url, set_as_current=False)
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+
+    results = [
+        _check(f"spool {settings.spool.path}", spool),
+        _check("database", database),
+        _check(f"broker {settings.queue.broker_url.split('://')[0]}://", broker),
+    ]
+    for dest in settings.destinations:
+        results.append(
+            _check(
+                f"destination {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) C-ECHO",
+                lambda d=dest: dimse.echo(d, settings.receiver.ae_title),
+            )
+        )
+    return EXIT_OK if all(results) else EXIT_FAILURE
+
+
+def cmd_echo(settings: Settings, name: str) -> int:
+    dest = next((d for d in settings.destinations if d.name == name), None)
+    if dest is None:
+        known = ", ".join(d.name for d in settings.destinations) or "none configured"
+        raise ConfigError(f"no destination named {name!r} (known: {known})")
+    dimse.echo(dest, settings.receiver.ae_title)
+    print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): success")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacs-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            required=required,
+            help="TOML configuration file" + ("" if required else " (default: embedded defaults)"),
+        )
+
+    with_config(
+        sub.add_parser("serve", help="receiver + assembler (+ worker with memory://)"), False
+    )
+    worker = sub.add_parser("worker", help="a Celery worker for scale-out with Redis")
+    with_config(worker, True)
+    worker.add_argument("--queue", choices=["gpu", "io", "all"], default="all")
+    status = sub.add_parser("status", help="recent studies, one line each")
+    with_config(status, False)
+    status.add_argument("--limit", type=int, default=50)
+    with_config(sub.add_parser("check-config", help="validate and test reachability"), False)
+    echo = sub.add_parser("echo", help="C-ECHO a configured destination")
+    with_config(echo, True)
+    echo.add_argument("destination")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        configure_logging(settings.logging.level, settings.logging.format)
+        if args.command == "serve":
+            return cmd_serve(settings)
+        if args.command == "worker":
+            return cmd_worker(settings, args.queue)
+        if args.command == "status":
+            return cmd_status(settings, args.limit)
+        if args.command == "check-config":
+            return cmd_check_config(settings)
+        return cmd_echo(settings, args.destination)
+    except ConfigError as exc:
+        print(f"pacs-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        print(f"pacs-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The study database (SQLAlchemy): studies, their instances, and the timestamped state machine."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from agent.errors import PermanentError
+from agent.logs import study_key
+
+
+class State(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    INFERRING = "inferring"
+    EXPORTING = "exporting"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({State.DONE, State.SKIPPED, State.FAILED})
+IN_FLIGHT = frozenset({State.QUEUED, State.INFERRING, State.EXPORTING})
+
+# The forward path; any state may also go back to RECEIVING (a new instance arrived, so the
+# study is re-assembled under a new job) and any non-terminal state may end SKIPPED or FAILED.
+_FORWARD: dict[State, frozenset[State]] = {
+    State.RECEIVING: frozenset({State.COMPLETE}),
+    State.COMPLETE: frozenset({State.QUEUED}),
+    # QUEUED -> QUEUED records that the broker could not take the job yet.
+    State.QUEUED: frozenset({State.QUEUED, State.INFERRING}),
+    # INFERRING -> INFERRING: a redelivered task (acks_late after a worker died) starts over.
+    State.INFERRING: frozenset({State.INFERRING, State.EXPORTING}),
+    # EXPORTING -> EXPORTING records a retry with its reason.
+    State.EXPORTING: frozenset({State.DONE, State.EXPORTING}),
+}
+
+
+def allowed(current: State, target: State) -> bool:
+    """Whether the state machine permits current -> target."""
+    if target is State.RECEIVING:
+        return True
+    if target in (State.SKIPPED, State.FAILED):
+        return current not in TERMINAL
+    return target in _FORWARD.get(current, frozenset())
+
+
+class InvalidTransition(PermanentError):
+    pass
+
+
+class Superseded(PermanentError):
+    """The job is no longer the study's current job (new instances arrived); stop quietly."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UtcDateTime(DateTime):
+    """Timezone-aware UTC timestamps on every backend (SQLite drops the zone on its own)."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_key: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (UniqueConstraint("study_id", "sop_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Transition(Base):
+    __tablename__ = "transition"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """One line of `pacs-agent status`: no patient identity, only the study key."""
+
+    study_key: str
+    state: State
+    reason: str
+    instance_count: int
+    stages: tuple[tuple[State, datetime], ...]
+
+
+@dataclass(frozen=True)
+class ArrivedInstance:
+    """An instance durably in the spool, as the receiver (or the start-up scan) reports it."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    path: Path
+    received_at: datetime
+
+
+class Database:
+    """Typed access to the study tables; every state change goes through `transition`."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- arrivals ---------------------------------------------------------------------------
+
+    def record_arrivals(self, arrivals: Iterable[ArrivedInstance]) -> list[str]:
+        """Store newly spooled instances; reopen a study that had moved on. Returns study keys touched."""
+        touched: dict[str, Study] = {}
+        with self.session() as s, s.begin():
+            for a in arrivals:
+                study = touched.get(a.study_uid) or s.scalar(
+                    select(Study).where(Study.study_uid == a.study_uid)
+                )
+                if study is None:
+                    study = Study(
+                        study_uid=a.study_uid,
+                        study_key=study_key(a.study_uid),
+                        state=State.RECEIVING,
+                        reason="",
+                        attempts=0,
+                        instance_count=0,
+                        first_arrival=a.received_at,
+                        last_arrival=a.received_at,
+                        updated_at=a.received_at,
+                    )
+                    s.add(study)
+                    s.flush()
+                    s.add(Transition(study_id=study.id, state=State.RECEIVING, at=a.received_at))
+                touched[a.study_uid] = study
+                existing = s.scalar(
+                    select(Instance).where(
+                        Instance.study_id == study.id, Instance.sop_uid == a.sop_uid
+                    )
+                )
+                if existing is None:
+                    s.add(
+                        Instance(
+                            study_id=study.id,
+                            series_uid=a.series_uid,
+                            sop_uid=a.sop_uid,
+                            sop_class_uid=a.sop_class_uid,
+                            path=str(a.path),
+                            received_at=a.received_at,
+                        )
+                    )
+                    study.instance_count += 1
+                else:
+                    existing.path = str(a.path)
+                    existing.received_at = a.received_at
+                study.last_arrival = max(_aware(study.last_arrival), a.received_at)
+                if study.state != State.RECEIVING:
+                    # PS3.4 does not say when a study ends; a late instance means the result
+                    # would be incomplete, so the study is assembled again as a new job.
+                    self._move(s, study, State.RECEIVING, "new instance after " + study.state)
+                    study.job_id = None
+        return [st.study_key for st in touched.values()]
+
+    def known_paths(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(Instance.path)))
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get(self, study_uid: str) -> Study | None:
+        with self.session() as s:
+            return s.scalar(select(Study).where(Study.study_uid == study_uid))
+
+    def by_job(self, job_id: str) -> Study | None:
+        with self.session() as s:
+            return s.scalar(select(Study).where(Study.job_id == job_id))
+
+    def in_states(self, states: Iterable[State]) -> list[Study]:
+        with self.session() as s:
+            return list(s.scalars(select(Study).where(Study.state.in_([str(x) for x in states]))))
+
+    def instance_paths(self, study_id: int) -> list[Path]:
+        with self.session() as s:
+            rows = s.scalars(select(Instance.path).where(Instance.study_id == study_id))
+            return [Path(p) for p in rows]
+
+    def recent(self, limit: int = 50) -> list[StudyStatus]:
+        with self.session() as s:
+            studies = list(s.scalars(select(Study).order_by(Study.updated_at.desc()).limit(limit)))
+            result = []
+            for st in studies:
+                rows = s.execute(
+                    select(Transition.state, func.max(Transition.at))
+                    .where(Transition.study_id == st.id)
+                    .group_by(Transition.state)
+                ).all()
+                order = list(State)
+                stages = sorted(
+                    ((State(state), _aware(at)) for state, at in rows),
+                    key=lambda item: (item[1], order.index(item[0])),
+                )
+                result.append(
+                    StudyStatus(
+                        study_key=st.study_key,
+                        state=State(st.state),
+                        reason=st.reason,
+                        instance_count=st.instance_count,
+                        stages=tuple(stages),
+                    )
+                )
+            return result
+
+    # -- state machine ----------------------------------------------------------------------
+
+    def transition(
+        self,
+        study_uid: str,
+        target: State,
+        reason: str = "",
+        *,
+        job_id: str | None = None,
+        expect_job: str | None = None,
+        expect_state: Sequence[State] | None = None,
+    ) -> None:
+        """Move a study to `target`, recording when and why.
+
+        `expect_job` makes the move conditional on the study still belonging to that job: a
+        worker finishing a job that new instances have superseded gets `Superseded`.
+        """
+        with self.session() as s, s.begin():
+            study = s.scalar(select(Study).where(Study.study_uid == study_uid).with_for_update())
+            if study is None:
+                raise PermanentError("unknown study")
+            if expect_job is not None and study.job_id != expect_job:
+                raise Superseded(f"job {expect_job} superseded for study {study.study_key}")
+            if expect_state is not None and State(study.state) not in expect_state:
+                raise InvalidTransition(
+                    f"study {study.study_key} is {study.state}, expected one of "
+                    + ", ".join(expect_state)
+                )
+            if not allowed(State(study.state), target):
+                raise InvalidTransition(f"study {study.study_key}: {study.state} -> {target}")
+            if job_id is not None:
+                study.job_id = job_id
+                study.attempts = 0
+            if target is State.EXPORTING and study.state == State.EXPORTING:
+                study.attempts += 1
+            self._move(s, study, target, reason)
+
+    @staticmethod
+    def _move(s: Session, study: Study, target: State, reason: str) -> None:
+        now = utcnow()
+        study.state = target
+        study.reason = reason
+        study.updated_at = now
+        s.add(Transition(study_id=study.id, state=target, reason=reason, at=now))
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    # WAL lets the receiver's assembler write while workers and `status` read; the busy timeout
+    # makes separate worker processes wait for the lock instead of failing.
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()

@@ -1,0 +1,76 @@
+"""C-STORE SCU export: one association per destination, exactly the SOP classes sent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from agent.errors import RetryableError
+from agent.settings import DestinationSettings
+
+log = logging.getLogger(__name__)
+
+# PS3.4 B.2.3: 0x0000 success and 0xB000/0xB006/0xB007 warnings all mean the instance is stored.
+STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+def _ae(calling_ae: str) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 120
+    ae.network_timeout = 120
+    ae.connection_timeout = 10
+    return ae
+
+
+def echo(destination: DestinationSettings, calling_ae: str) -> None:
+    """C-ECHO the destination; RetryableError says why it failed."""
+    ae = _ae(calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise RetryableError(f"destination {destination.name}: association refused or failed")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != 0x0000:
+        raise RetryableError(f"destination {destination.name}: C-ECHO failed")
+
+
+def send(destination: DestinationSettings, calling_ae: str, files: Sequence[Path]) -> None:
+    """C-STORE every file to the destination, checking each instance's status."""
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    ae = _ae(calling_ae)
+    contexts: dict[str, set[str]] = {}
+    for ds in headers:
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), set())
+        syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
+    for sop_class, syntaxes in sorted(contexts.items()):
+        # Offer the files' own syntax first; Explicit and Implicit VR LE let pynetdicom convert.
+        ordered = sorted(syntaxes) + [
+            s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s not in syntaxes
+        ]
+        ae.add_requested_context(sop_class, ordered)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise RetryableError(f"destination {destination.name}: association refused or failed")
+    try:
+        for path, ds in zip(files, headers, strict=True):
+            status = assoc.send_c_store(path)
+            code = int(status.Status) if status and "Status" in status else None
+            if code not in STORED:
+                shown = "no response" if code is None else f"0x{code:04X}"
+                raise RetryableError(
+                    f"destination {destination.name}: C-STORE of {ds.Modality} object returned {shown}"
+                )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log.info("sent %d objects to %s", len(files), destination.name)

@@ -1,0 +1,70 @@
+"""Logging setup and context (study key, job id); log lines never carry patient identity."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "pacs_agent_log_context", default=None
+)
+
+
+def study_key(study_uid: str) -> str:
+    """A short, stable, non-identifying key for a study: logs and status show this, not UIDs."""
+    return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Attach fields (study, job) to every record logged inside the block."""
+    merged = {**(_context.get() or {}), **fields}
+    token = _context.set(merged)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = _context.get() or {}
+        record.context = " ".join(f"{k}={v}" for k, v in fields.items())
+        record.context_fields = fields
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **getattr(record, "context_fields", {}),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Install one stderr handler on the root logger (called once, by the CLI)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ContextFilter())
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s %(context)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO, and some of its lines carry patient attributes.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

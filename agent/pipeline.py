@@ -1,0 +1,171 @@
+"""The readable end-to-end flow a task calls: infer on the selected series, encode, export."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydicom.dataset import Dataset
+
+from agent.db import TERMINAL, Database, InvalidTransition, State, Superseded
+from agent.dicom.uids import output_uids
+from agent.domain import Manifest
+from agent.encode.seg import build_seg
+from agent.encode.sr import build_sr
+from agent.export import dimse
+from agent.inference.models.ct_tissue import DISCLAIMER
+from agent.inference.registry import get_model
+from agent.inference.runner import pick_device, run_model
+from agent.inference.volume import load_volume, read_header
+from agent.logs import log_context, study_key
+from agent.results import ModelResult, has_result, load_result, save_result
+from agent.settings import Settings
+from agent.spool.layout import SpoolLayout
+from agent.spool.writer import write_atomic
+
+log = logging.getLogger(__name__)
+
+SEG_SERIES_NUMBER = 9901
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    settings: Settings
+    db: Database
+    layout: SpoolLayout
+
+
+def _manifest(ctx: PipelineContext, job_id: str) -> Manifest:
+    return Manifest.from_json(ctx.layout.manifest_path(job_id).read_text())
+
+
+def _current(ctx: PipelineContext, manifest: Manifest) -> str:
+    """The study's state, or Superseded if new instances have replaced this job."""
+    study = ctx.db.get(manifest.study_uid)
+    if study is None or study.job_id != manifest.job_id:
+        raise Superseded(f"job {manifest.job_id} is no longer current")
+    if study.state in TERMINAL:
+        # A duplicate delivery of a finished job (acks_late redelivery, restart re-enqueue).
+        raise Superseded(f"job {manifest.job_id} has already ended ({study.state})")
+    return study.state
+
+
+def results_dir(ctx: PipelineContext, job_id: str) -> Path:
+    return ctx.layout.job_dir(job_id) / "results"
+
+
+def _device(ctx: PipelineContext, model_name: str) -> torch.device:
+    choice = next(m.device for m in ctx.settings.models if m.name == model_name)
+    return pick_device() if choice == "auto" else torch.device(choice)
+
+
+def infer(ctx: PipelineContext, job_id: str) -> None:
+    """Run every configured model on the job's series and leave the results in the job folder."""
+    manifest = _manifest(ctx, job_id)
+    with log_context(study=study_key(manifest.study_uid), job=job_id):
+        out = results_dir(ctx, job_id)
+        state = _current(ctx, manifest)
+        if state == State.EXPORTING and all(has_result(out / m) for m in manifest.models):
+            return  # redelivered after inference had finished: go straight to export
+        ctx.db.transition(
+            manifest.study_uid,
+            State.INFERRING,
+            expect_job=job_id,
+            expect_state=[State.QUEUED, State.INFERRING],
+        )
+        volume = load_volume(manifest.files)
+        for name in manifest.models:
+            model = get_model(name)
+            masks, measurements = run_model(model, volume, _device(ctx, name))
+            save_result(
+                out / name,
+                ModelResult(model.identity, model.segments, measurements, masks),
+                ctx.layout.tmp,
+            )
+            log.info("model %s %s finished", model.identity.name, model.identity.version)
+        ctx.db.transition(
+            manifest.study_uid, State.EXPORTING, "encoding and sending", expect_job=job_id
+        )
+
+
+def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
+    """SEG + SR for every model result, written once to the outbox; same input, same bytes."""
+    source = [read_header(p) for p in manifest.files]
+    sop_uids = [str(ds.SOPInstanceUID) for ds in source]
+    outbox = ctx.layout.job_dir(manifest.job_id) / "outbox"
+    files: list[Path] = []
+    for index, name in enumerate(manifest.models):
+        result = load_result(results_dir(ctx, manifest.job_id) / name)
+        uids = output_uids(manifest.study_uid, sop_uids, result.model)
+        seg_path = outbox / f"{uids.seg_instance}.dcm"
+        sr_path = outbox / f"{uids.sr_instance}.dcm"
+        if not (seg_path.is_file() and sr_path.is_file()):
+            series_number = SEG_SERIES_NUMBER + 2 * index
+            seg = build_seg(
+                source,
+                result.masks,
+                result.segments,
+                result.model,
+                uids,
+                series_number=series_number,
+                disclaimer=DISCLAIMER,
+            )
+            sr = build_sr(
+                source,
+                seg,
+                result.segments,
+                result.measurements,
+                result.model,
+                uids,
+                series_number=series_number + 1,
+                disclaimer=DISCLAIMER,
+            )
+            for ds, path in ((seg, seg_path), (sr, sr_path)):
+                buffer = _encode_file(ds)
+                write_atomic(path, [buffer], ctx.layout.tmp)
+        files += [seg_path, sr_path]
+    return files
+
+
+def _encode_file(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def export(ctx: PipelineContext, job_id: str) -> None:
+    """Encode (once) and C-STORE the results to every destination; RetryableError on failure."""
+    manifest = _manifest(ctx, job_id)
+    with log_context(study=study_key(manifest.study_uid), job=job_id):
+        _current(ctx, manifest)
+        files = encode(ctx, manifest)
+        for destination in ctx.settings.destinations:
+            dimse.send(destination, ctx.settings.receiver.ae_title, files)
+        names = ", ".join(d.name for d in ctx.settings.destinations) or "no destination configured"
+        ctx.db.transition(
+            manifest.study_uid,
+            State.DONE,
+            f"{len(files)} objects sent to {names}",
+            expect_job=job_id,
+            expect_state=[State.EXPORTING],
+        )
+        log.info("study done: %d objects sent", len(files))
+
+
+def note_retry(ctx: PipelineContext, job_id: str, reason: str) -> None:
+    manifest = _manifest(ctx, job_id)
+    ctx.db.transition(manifest.study_uid, State.EXPORTING, reason, expect_job=job_id)
+
+
+def end(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:
+    """End a job's study as skipped or failed (no-op if the job was superseded)."""
+    manifest = _manifest(ctx, job_id)
+    with log_context(study=study_key(manifest.study_uid), job=job_id):
+        log.warning("study %s: %s", state, reason)
+        try:
+            ctx.db.transition(manifest.study_uid, state, reason, expect_job=job_id)
+        except (Superseded, InvalidTransition):
+            log.info("job no longer current; its end is not recorded")

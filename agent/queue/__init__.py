@@ -1,0 +1,1 @@
+"""The Celery side: app factory, thin tasks, and the enqueue client."""

@@ -1,0 +1,85 @@
+"""Thin Celery tasks: parse the payload, call one pipeline function, map errors to states."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+
+from agent import pipeline
+from agent.db import State, Superseded
+from agent.errors import PermanentError, RetryableError, StudySkipped
+from agent.pipeline import PipelineContext
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(retries: int, base: float, cap: float) -> float:
+    """Exponential backoff: base, 2*base, 4*base, ... capped."""
+    return float(min(cap, base * (2**retries)))
+
+
+def register_tasks(app: Celery, settings: Settings, context: Callable[[], PipelineContext]) -> None:
+    from agent.queue.app import EXPORT, INFER
+
+    q = settings.queue
+
+    @app.task(name=INFER, bind=True, acks_late=True, max_retries=q.export_max_retries)
+    def infer(self: Task[Any, Any], job_id: str) -> None:
+        ctx = context()
+        try:
+            pipeline.infer(ctx, job_id)
+        except Superseded:
+            log.info("job %s superseded by newer instances", job_id)
+            return
+        except StudySkipped as skip:
+            pipeline.end(ctx, job_id, State.SKIPPED, skip.reason)
+            return
+        except RetryableError as exc:
+            if self.request.retries >= q.export_max_retries:
+                pipeline.end(ctx, job_id, State.FAILED, f"inference: {exc}")
+                return
+            countdown = backoff_seconds(
+                self.request.retries, q.retry_backoff_seconds, q.retry_backoff_max_seconds
+            )
+            raise self.retry(countdown=countdown) from exc
+        except PermanentError as exc:
+            pipeline.end(ctx, job_id, State.FAILED, f"inference: {exc}")
+            return
+        except Exception as exc:  # the task boundary: a named state, never a silent drop
+            log.exception("inference crashed")
+            pipeline.end(
+                ctx, job_id, State.FAILED, f"inference: internal error {type(exc).__name__}"
+            )
+            return
+        self.app.send_task(EXPORT, args=[job_id], queue="io")
+
+    @app.task(name=EXPORT, bind=True, acks_late=True, max_retries=q.export_max_retries)
+    def export(self: Task[Any, Any], job_id: str) -> None:
+        ctx = context()
+        try:
+            pipeline.export(ctx, job_id)
+        except Superseded:
+            log.info("job %s superseded by newer instances", job_id)
+        except RetryableError as exc:
+            attempt = self.request.retries + 1
+            if self.request.retries >= q.export_max_retries:
+                pipeline.end(
+                    ctx, job_id, State.FAILED, f"export gave up after {attempt} attempts: {exc}"
+                )
+                return
+            countdown = backoff_seconds(
+                self.request.retries, q.retry_backoff_seconds, q.retry_backoff_max_seconds
+            )
+            pipeline.note_retry(
+                ctx, job_id, f"retrying in {countdown:.0f} s (attempt {attempt}): {exc}"
+            )
+            raise self.retry(countdown=countdown) from exc
+        except PermanentError as exc:
+            pipeline.end(ctx, job_id, State.FAILED, f"export: {exc}")
+        except Exception as exc:  # the task boundary
+            log.exception("export crashed")
+            pipeline.end(ctx, job_id, State.FAILED, f"export: internal error {type(exc).__name__}")

@@ -1,0 +1,1 @@
+"""The DICOM receiver: a pynetdicom SCP that writes what it is sent to the spool, undecoded."""

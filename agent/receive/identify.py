@@ -1,0 +1,69 @@
+"""Read the few UIDs the spool needs from an encoded dataset, stopping long before the pixels."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from agent.errors import PermanentError
+
+_LAST_TAG_NEEDED = 0x0020000E  # Series Instance UID; everything we need sorts before it
+
+
+class Unreadable(PermanentError):
+    """The dataset cannot be parsed in the negotiated transfer syntax."""
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+
+
+# SOP Class UID, SOP Instance UID, Study Instance UID, Series Instance UID.
+_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+
+
+def _raw_text(ds: Dataset, tag: int) -> str:
+    # The raw bytes, not the converted value: conversion would validate (and warn about) a
+    # malformed UID that we are about to reject with a precise status anyway.
+    elem = ds.get_item(tag)
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return text.strip("\0 ")
+
+
+def _stop(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag > _LAST_TAG_NEEDED
+
+
+def identify(raw: bytes, transfer_syntax: UID) -> Identifiers:
+    """Parse SOP Class/Instance, Study and Series UIDs; missing ones come back empty."""
+    data = raw
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # PS3.5 A.5: the whole dataset is a raw deflate stream; only its head is needed.
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, 256 * 1024)
+        except zlib.error as exc:
+            raise Unreadable(f"deflate stream is corrupt: {exc}") from exc
+    try:
+        ds = read_dataset(
+            BytesIO(data),
+            is_implicit_VR=transfer_syntax.is_implicit_VR,
+            is_little_endian=transfer_syntax.is_little_endian,
+            stop_when=_stop,
+        )
+        values = [_raw_text(ds, tag) for tag in _TAGS]
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise Unreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    return Identifiers(*values)

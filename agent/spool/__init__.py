@@ -1,0 +1,1 @@
+"""The on-disk spool: where received instances, manifests and results live."""

@@ -1,0 +1,237 @@
+"""The receiver over real associations on 127.0.0.1: echo, store, bad input, access control."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pynetdicom import AE, Association, _config
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from agent.db import ArrivedInstance
+from agent.receive.scp import start_receiver
+from agent.settings import AllowedCaller, ReceiverSettings
+from agent.spool.layout import SpoolLayout
+from tests.support.data import dicom_files, shared_data
+from tests.support.dcmtk import storescu
+
+
+class Receiver:
+    def __init__(self, root: Path, settings: ReceiverSettings) -> None:
+        self.layout = SpoolLayout(root)
+        self.layout.create()
+        self.arrivals: list[ArrivedInstance] = []
+        self.server: ThreadedAssociationServer = start_receiver(
+            settings, self.layout, self.arrivals.append
+        )
+        self.port: int = self.server.server_address[1]
+        self.ae_title = settings.ae_title
+
+    def spooled(self) -> list[Path]:
+        return sorted(self.layout.studies.glob("*/*/*.dcm"))
+
+
+def _start(tmp_path: Path, **kwargs: object) -> Iterator[Receiver]:
+    settings = ReceiverSettings(host="127.0.0.1", port=0, **kwargs)  # type: ignore[arg-type]
+    receiver = Receiver(tmp_path / "spool", settings)
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    yield from _start(tmp_path)
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the file meta group (PS3.10 7.1)."""
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    # Preamble (128) + "DICM" (4) + the group length element (12) + the rest of group 2.
+    start = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return raw[start:]
+
+
+def _associate(port: int, calling: str = "TESTSCU", ts: str = ExplicitVRLittleEndian) -> AE:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, ts)
+    return ae
+
+
+def test_echo(receiver: Receiver) -> None:
+    assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    assert status.Status == 0x0000
+
+
+def test_store_uncompressed_with_pynetdicom(receiver: Receiver) -> None:
+    files = dicom_files(shared_data("dcmqi", "ct-3slice"))
+    ae = AE(ae_title="TESTSCU")
+    ts = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files
+    }
+    ae.add_requested_context(CTImageStorage, sorted(ts))
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    datasets = [pydicom.dcmread(f) for f in files]
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.release()
+    assert statuses == [0] * len(files)
+    spooled = receiver.spooled()
+    assert len(spooled) == len(files) == len(receiver.arrivals)
+    by_sop = {p.stem: p for p in spooled}
+    for ds in datasets:
+        # What pynetdicom put on the wire, byte for byte, is what the spool holds.
+        syntax = ds.file_meta.TransferSyntaxUID
+        sent = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian)
+        assert _dataset_bytes(by_sop[str(ds.SOPInstanceUID)]) == sent
+
+
+def test_store_jpeg2000_with_storescu_keeps_bytes(receiver: Receiver) -> None:
+    files = dicom_files(shared_data("ct-siemens-j2k"))
+    storescu(files, port=receiver.port, called_aet="PACS_AGENT")
+    spooled = {p.stem: p for p in receiver.spooled()}
+    assert len(spooled) == len(files)
+    for original in files:
+        ds = pydicom.dcmread(original, stop_before_pixels=True)
+        stored = spooled[str(ds.SOPInstanceUID)]
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == JPEG2000Lossless
+        assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert _dataset_bytes(stored) == _dataset_bytes(original)
+    # Grouped by study and series: one study folder, one series folder.
+    assert len({p.parent for p in spooled.values()}) == 1
+    assert {a.study_uid for a in receiver.arrivals} == {str(ds.StudyInstanceUID)}
+
+
+def _ct(**overrides: object) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the invalid UIDs are the point of the test
+        for key, value in overrides.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "comment"),
+    [
+        ({"StudyInstanceUID": None}, 0xC001, "StudyInstanceUID"),
+        ({"SeriesInstanceUID": None}, 0xC001, "SeriesInstanceUID"),
+        ({"SeriesInstanceUID": "../../etc/passwd"}, 0xC001, "SeriesInstanceUID"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"}, 0xA900, "SOPClassUID"),
+    ],
+)
+def test_bad_dataset_gets_failure_status_and_is_not_kept(
+    receiver: Receiver,
+    overrides: dict[str, object],
+    status: int,
+    comment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ds = _ct(**overrides)
+    ae = _associate(receiver.port)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    # A raw C-STORE request for CT, whatever the dataset holds (pynetdicom's SCU would refuse).
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    rsp = _send_with_class(assoc, ds, CTImageStorage, tmp_path)
+    monkeypatch.undo()
+    assoc.release()
+    assert rsp.Status == status
+    assert comment in str(rsp.ErrorComment)
+    assert receiver.spooled() == []
+    assert receiver.arrivals == []
+    # The listener survives: a good instance is still accepted afterwards.
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(_ct()).Status == 0
+    assoc.release()
+
+
+def _send_with_class(assoc: Association, ds: Dataset, request_class: str, folder: Path) -> Dataset:
+    """Send a C-STORE whose request names `request_class` whatever the dataset holds.
+
+    In chunked mode pynetdicom sends a file's encoded dataset as it is, taking the request's
+    SOP Class and Instance from the file meta, which is how a faulty sender's request looks.
+    """
+    ds.file_meta.MediaStorageSOPClassUID = request_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
+    path = folder / "bad.dcm"
+    ds.preamble = b"\0" * 128
+    ds.save_as(path, enforce_file_format=False)
+    rsp: Dataset = assoc.send_c_store(path)
+    return rsp
+
+
+def test_write_failure_returns_out_of_resources(receiver: Receiver) -> None:
+    # The temp folder vanishing makes every write fail, as a full or read-only disk would.
+    receiver.layout.tmp.rmdir()
+    assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    rsp = assoc.send_c_store(_ct())
+    assoc.release()
+    assert rsp.Status == 0xA700
+    assert receiver.arrivals == []
+
+
+@pytest.fixture
+def restricted(tmp_path: Path) -> Iterator[Receiver]:
+    yield from _start(
+        tmp_path,
+        allowed_callers=(
+            AllowedCaller(ae_title="MODALITY"),
+            AllowedCaller(ae_title="FROMHOST", host="127.0.0.2"),
+        ),
+    )
+
+
+def test_calling_ae_not_on_list_is_rejected(restricted: Receiver) -> None:
+    ae = _associate(restricted.port, calling="STRANGER")
+    assoc = ae.associate("127.0.0.1", restricted.port, ae_title="PACS_AGENT")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+
+    ok = _associate(restricted.port, calling="MODALITY")
+    assoc = ok.associate("127.0.0.1", restricted.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_calling_ae_from_wrong_host_is_rejected(restricted: Receiver) -> None:
+    ae = _associate(restricted.port, calling="FROMHOST")
+    assoc = ae.associate("127.0.0.1", restricted.port, ae_title="PACS_AGENT")
+    assert assoc.is_rejected
+    # DCMTK storescu with an unknown calling AE title is refused as well, and nothing is kept.
+    files = dicom_files(shared_data("dcmqi", "ct-3slice"))[:1]
+    result = storescu(
+        files,
+        port=restricted.port,
+        called_aet="PACS_AGENT",
+        calling_aet="STRANGER",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert restricted.spooled() == []
