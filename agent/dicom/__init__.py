@@ -1,0 +1,1 @@
+"""DICOM helpers shared by encoders: deterministic UIDs and the coded concepts we emit."""

@@ -1,0 +1,70 @@
+"""Deterministic DICOM UIDs, so that re-processing the same input yields the same output objects."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.domain import ModelIdentity
+
+# PS3.5 B.2: a UID may be "2.25." followed by the decimal form of a 128-bit UUID
+# (ISO/IEC 9834-8); at most 39 digits, so 44 characters in all, well under the 64 of PS3.5 9.1.
+_UUID_ROOT = "2.25."
+
+
+def derive_uid(*parts: str) -> str:
+    """Return a UID under 2.25 derived from sha256 of `parts`; equal parts give an equal UID.
+
+    Each part is length-prefixed before hashing, so ("ab", "c") and ("a", "bc") differ.
+    The 128-bit value is shaped as an RFC 9562 version-8 UUID (custom, name-derived), so the
+    result is a UUID-derived UID as PS3.5 B.2 describes and cannot collide with random
+    (version 4) UUID UIDs that other systems mint under 2.25.
+    """
+    if not parts:
+        raise ValueError("derive_uid needs at least one part")
+    digest = hashlib.sha256()
+    for part in parts:
+        encoded = part.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+    value = int.from_bytes(digest.digest()[:16], "big")
+    # RFC 9562 4.1/4.2: version nibble (bits 48-51 from the top) = 8, variant bits = 0b10.
+    value &= ~(0xF << 76)
+    value |= 0x8 << 76
+    value &= ~(0x3 << 62)
+    value |= 0x2 << 62
+    return f"{_UUID_ROOT}{value}"
+
+
+@dataclass(frozen=True)
+class OutputUids:
+    """The Series and SOP Instance UIDs of the SEG and SR produced for one input and model."""
+
+    seg_series: str
+    seg_instance: str
+    sr_series: str
+    sr_instance: str
+
+
+def output_uids(study_uid: str, input_sop_uids: Sequence[str], model: ModelIdentity) -> OutputUids:
+    """Derive the output UIDs from the study, the set of input instances and the model version.
+
+    Same inputs give the same UIDs, so a repeat sends identical objects (the PACS sees the
+    same instances again rather than duplicates); a new input instance or a new model
+    version gives new UIDs, because then the content differs and one SOP Instance UID must
+    not name two different objects (PS3.5 9).
+    """
+    if not input_sop_uids:
+        raise ValueError("output_uids needs at least one input SOP Instance UID")
+    inputs = sorted(set(input_sop_uids))
+
+    def uid(kind: str) -> str:
+        return derive_uid(study_uid, *inputs, model.name, model.version, kind)
+
+    return OutputUids(
+        seg_series=uid("seg-series"),
+        seg_instance=uid("seg-instance"),
+        sr_series=uid("sr-series"),
+        sr_instance=uid("sr-instance"),
+    )

@@ -1,0 +1,227 @@
+"""Provenance shared by SEG and SR: IHE AIR Contributing Equipment, creation time, descriptions."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Sequence
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom import Dataset
+from pydicom.valuerep import DA, TM
+
+from agent import __version__
+from agent.dicom.codes import IHE_CODING_SCHEME, PROCESSING_ALGORITHM
+from agent.domain import ModelIdentity
+
+# General Equipment (PS3.3 C.7.5.1) and Enhanced General Equipment (C.7.5.2) describe the
+# application that created the instance: this service. The model itself is described in the
+# Contributing Equipment item and the algorithm identification.
+MANUFACTURER = "pacs-agent"
+MODEL_NAME = "pacs-agent"
+SOFTWARE_VERSION = __version__
+# Enhanced General Equipment makes Device Serial Number type 1; software has no serial, and a
+# per-host value would make a repeat on another worker differ, so it is a constant.
+DEVICE_SERIAL_NUMBER = "pacs-agent"
+
+# Used when no source instance carries a parsable date: a fixed value keeps repeats identical.
+_FALLBACK_TIMESTAMP = datetime.datetime(1970, 1, 1)
+
+_LO_MAX = 64  # PS3.5 6.2: LO is at most 64 characters.
+_NOT_FOR_DIAGNOSIS = " - research use, not for diagnosis"
+_SHORT_NOT_FOR_DIAGNOSIS = " - not for diagnosis"
+
+
+def contributing_equipment(
+    model: ModelIdentity, *, contributed: datetime.datetime | None = None
+) -> Dataset:
+    """The Contributing Equipment Sequence item that describes the AI model (IHE AIR 6.5.3.1).
+
+    AIR asks for Purpose of Reference (Newcode1, 99IHE, "Processing Algorithm"), Manufacturer,
+    Manufacturer's Model Name, Software Versions and Device UID; Contribution DateTime
+    (PS3.3 C.12.1.1.5, type 3) is added when `contributed` is given.
+    """
+    item = Dataset()
+    purpose = Dataset()
+    purpose.CodeValue = PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme
+    purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.Manufacturer = _lo(model.manufacturer, "model manufacturer")
+    item.ManufacturerModelName = _lo(model.name, "model name")
+    item.SoftwareVersions = _lo(model.version, "model version")
+    item.DeviceUID = model.device_uid
+    if contributed is not None:
+        item.ContributionDateTime = _dt(contributed)
+    item.ContributionDescription = "AI model that produced this result"
+    return item
+
+
+def coding_schemes() -> list[CodingSchemeIdentificationItem]:
+    """Coding Scheme Identification Sequence items for the private schemes we use.
+
+    The SOP Common Module (PS3.3 C.12.1) lets an instance identify the coding schemes it uses
+    that PS3.16 does not list; 99IHE is the IHE placeholder scheme of the AIR purpose code.
+    """
+    return [
+        CodingSchemeIdentificationItem(
+            designator=IHE_CODING_SCHEME,
+            name="IHE provisional codes",
+            responsible_organization="IHE International",
+        )
+    ]
+
+
+def creation_timestamp(source: Sequence[Dataset]) -> datetime.datetime:
+    """The content and creation date/time for objects derived from `source`, deterministically.
+
+    A repeat must give byte-identical objects, so the wall clock is not used. The latest
+    acquisition-side time stamp of the source instances is the earliest moment the result can
+    have been made: per instance, Content Date/Time, else Acquisition, Series, then Study
+    Date/Time. If none parses, a fixed date is used.
+    """
+    candidates: list[datetime.datetime] = []
+    for ds in source:
+        stamp = _instance_timestamp(ds)
+        if stamp is not None:
+            candidates.append(stamp)
+    return max(candidates) if candidates else _FALLBACK_TIMESTAMP
+
+
+def stamp_instance(
+    instance: Dataset, source: Sequence[Dataset], model: ModelIdentity, when: datetime.datetime
+) -> None:
+    """Fix what highdicom takes from the wall clock or sanitized inputs, and add the AIR item.
+
+    highdicom sets Instance Creation Date/Time and its own Contributing Equipment item's
+    Contribution DateTime from `datetime.now()`; both are replaced by `when` so repeats are
+    byte-identical. Patient's Name is restored from the source, exactly as received (see
+    `highdicom_source`). The Contributing Equipment item for the model is appended because
+    highdicom only accepts purposes from CID 7005, and AIR's purpose is not among them.
+    """
+    instance.InstanceCreationDate = _da(when)
+    instance.InstanceCreationTime = _tm(when)
+    offset = source[0].get("TimezoneOffsetFromUTC")
+    if offset:
+        # PS3.3 C.12.1: our times derive from the source's local times, so share its offset.
+        instance.TimezoneOffsetFromUTC = offset
+    if "PatientName" in source[0]:
+        instance.PatientName = source[0].PatientName
+    for item in instance.get("ContributingEquipmentSequence", []):
+        # Only highdicom's own item: the acquisition item's time (if any) is the source's.
+        if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
+            item.ContributionDateTime = _dt(when)
+    items = list(instance.get("ContributingEquipmentSequence", []))
+    items.append(contributing_equipment(model, contributed=when))
+    instance.ContributingEquipmentSequence = items
+
+
+def highdicom_source(first: Dataset) -> Dataset:
+    """A copy of the first source header that highdicom can copy patient and study data from.
+
+    highdicom warns, quoting the value, when Patient's Name has no "^" (a legal single
+    family-name component, PS3.5 6.2.1.2): that would put the name into warnings and logs.
+    A trailing "^" means the same name; `stamp_instance` restores the original value.
+    highdicom also rejects an empty Specific Character Set, which means the default
+    repertoire (PS3.3 C.12.1.1.2), the same as leaving it out.
+    """
+    # A deep copy: pydicom copies share data elements, and the caller's header must not change.
+    clone = copy.deepcopy(first)
+    name = first.get("PatientName")
+    if name is not None and str(name) and "^" not in str(name) and "=" not in str(name):
+        clone.PatientName = f"{name}^"
+    if "SpecificCharacterSet" in clone and not clone.SpecificCharacterSet:
+        del clone.SpecificCharacterSet
+    return clone
+
+
+def series_description(model: ModelIdentity, kind: str) -> str:
+    """Series Description that says the series is AI-generated and not for diagnosis (≤ 64)."""
+    head = f"AI {model.name} {model.version} {kind}"
+    for tail in (_NOT_FOR_DIAGNOSIS, _SHORT_NOT_FOR_DIAGNOSIS):
+        if len(head) + len(tail) <= _LO_MAX:
+            return head + tail
+    # Long model names: keep the warning whole and shorten the name instead.
+    room = _LO_MAX - len(_SHORT_NOT_FOR_DIAGNOSIS)
+    return head[:room].rstrip() + _SHORT_NOT_FOR_DIAGNOSIS
+
+
+def _lo(value: str, what: str) -> str:
+    if not value or len(value) > _LO_MAX or "\\" in value:
+        raise ValueError(f"{what} must be 1 to {_LO_MAX} characters without a backslash")
+    return value
+
+
+def _instance_timestamp(ds: Dataset) -> datetime.datetime | None:
+    for date_kw, time_kw in (
+        ("ContentDate", "ContentTime"),
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("StudyDate", "StudyTime"),
+    ):
+        date = _parse_date(ds.get(date_kw))
+        if date is None:
+            continue
+        time = _parse_time(ds.get(time_kw)) or datetime.time()
+        return datetime.datetime.combine(date, time)
+    return None
+
+
+def _parse_date(value: object) -> datetime.date | None:
+    if value is None or value == "":
+        return None
+    try:
+        parsed = DA(str(value))
+    except ValueError:
+        return None  # a malformed header date is skipped, not quoted in an error
+    return datetime.date(parsed.year, parsed.month, parsed.day) if parsed is not None else None
+
+
+def _parse_time(value: object) -> datetime.time | None:
+    if value is None or value == "":
+        return None
+    try:
+        parsed = TM(str(value))
+    except ValueError:
+        return None
+    if parsed is None:
+        return None
+    return datetime.time(parsed.hour, parsed.minute, parsed.second, parsed.microsecond)
+
+
+def _da(when: datetime.datetime) -> str:
+    return when.strftime("%Y%m%d")
+
+
+def _tm(when: datetime.datetime) -> str:
+    return when.strftime("%H%M%S.%f") if when.microsecond else when.strftime("%H%M%S")
+
+
+def _dt(when: datetime.datetime) -> str:
+    return _da(when) + _tm(when)
+
+
+def content_date(when: datetime.datetime) -> str:
+    """`when` as a DA value."""
+    return _da(when)
+
+
+def content_time(when: datetime.datetime) -> str:
+    """`when` as a TM value."""
+    return _tm(when)
+
+
+__all__ = [
+    "DEVICE_SERIAL_NUMBER",
+    "MANUFACTURER",
+    "MODEL_NAME",
+    "SOFTWARE_VERSION",
+    "coding_schemes",
+    "content_date",
+    "content_time",
+    "contributing_equipment",
+    "creation_timestamp",
+    "highdicom_source",
+    "series_description",
+    "stamp_instance",
+]

@@ -1,0 +1,197 @@
+"""Encode per-segment measurements as a TID 1500 Measurement Report that references the SEG."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from agent.dicom.codes import (
+    ANATOMICAL_STRUCTURE,
+    ARTIFICIAL_INTELLIGENCE,
+    ATTENUATION_COEFFICIENT,
+    COMMENT,
+    CT_PROCEDURE,
+    HOUNSFIELD_UNIT,
+    LEGACY_ANATOMICAL_STRUCTURE,
+    MEAN,
+    MILLILITER,
+    VOLUME,
+    coded,
+)
+from agent.dicom.uids import OutputUids
+from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
+from agent.encode import equipment
+from agent.encode.seg import tracking_uid
+from agent.errors import PermanentError
+
+# Either coding of "Anatomical Structure" means the segment's type names a body part.
+_ANATOMIC_CATEGORIES = {
+    (code.value, code.scheme) for code in (ANATOMICAL_STRUCTURE, LEGACY_ANATOMICAL_STRUCTURE)
+}
+
+
+def build_sr(
+    source: Sequence[Dataset],
+    seg: hd.seg.Segmentation,
+    segments: Sequence[SegmentSpec],
+    measurements: Sequence[Measurement],
+    model: ModelIdentity,
+    uids: OutputUids,
+    *,
+    series_number: int = 9902,
+    disclaimer: str,
+    created: datetime.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the Comprehensive 3D SR (TID 1500) for `measurements` of the segments of `seg`.
+
+    One TID 1411 Volumetric ROI measurement group per segment, referencing the segment of
+    `seg` and the source series, with tracking identifier and UID equal to the SEG's, the
+    segment's category and type as finding category and type (and as finding site for
+    anatomical structures), Volume in ml and, if the segment has voxels, mean attenuation in
+    HU. An empty segment keeps its group with volume 0 and no mean, which is undefined.
+
+    `created` as for `build_seg`; by default derived from the source, for identical repeats.
+    """
+    by_number = _check_inputs(source, seg, segments, measurements)
+    when = created if created is not None else equipment.creation_timestamp(source)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        family=coded(ARTIFICIAL_INTELLIGENCE),
+        manufacturer=model.manufacturer,
+    )
+    source_series = hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)
+    groups = [
+        _measurement_group(spec, by_number[spec.number], seg, uids, algorithm, source_series)
+        for spec in segments
+    ]
+    # TID 1001 observer context: the model is the device observer (TID 1004).
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid,
+            name=model.name,
+            manufacturer_name=model.manufacturer,
+            model_name=model.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=coded(CT_PROCEDURE),
+        imaging_measurements=groups,
+    )
+    # TID 1500 is extensible: the disclaimer travels inside the report as a Comment.
+    report[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=coded(COMMENT),
+            value=disclaimer,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[equipment.highdicom_source(source[0]), *source[1:], seg],
+        content=report[0],
+        series_instance_uid=uids.sr_series,
+        series_number=series_number,
+        sop_instance_uid=uids.sr_instance,
+        instance_number=1,
+        manufacturer=equipment.MANUFACTURER,
+        # COMPLETE: the report holds every result; UNVERIFIED and PRELIMINARY: no person has
+        # confirmed it and it is not the definitive report (PS3.3 C.17.2, SR Document General).
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=equipment.series_description(model, "SR"),
+        manufacturer_model_name=equipment.MODEL_NAME,
+        software_versions=equipment.SOFTWARE_VERSION,
+        device_serial_number=equipment.DEVICE_SERIAL_NUMBER,
+        content_date=equipment.content_date(when),
+        content_time=equipment.content_time(when),
+        series_date=equipment.content_date(when),
+        series_time=equipment.content_time(when),
+        coding_schemes=equipment.coding_schemes(),
+    )
+    equipment.stamp_instance(sr, source, model, when)
+    return sr
+
+
+def _measurement_group(
+    spec: SegmentSpec,
+    measurement: Measurement,
+    seg: hd.seg.Segmentation,
+    uids: OutputUids,
+    algorithm: hd.sr.AlgorithmIdentification,
+    source_series: hd.sr.SourceSeriesForSegmentation,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    # The algorithm is identified once per group (TID 1411 includes TID 4019), not per item.
+    items = [
+        hd.sr.Measurement(
+            name=coded(VOLUME),
+            value=measurement.volume_ml,
+            unit=coded(MILLILITER),
+        )
+    ]
+    if measurement.voxel_count > 0:
+        items.append(
+            hd.sr.Measurement(
+                name=coded(ATTENUATION_COEFFICIENT),
+                value=measurement.mean_hu,
+                unit=coded(HOUNSFIELD_UNIT),
+                derivation=coded(MEAN),
+            )
+        )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uids, spec.number), identifier=spec.tracking_id
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=spec.number,
+            source_series=source_series,
+        ),
+        finding_category=coded(spec.category),
+        finding_type=coded(spec.type),
+        finding_sites=[hd.sr.FindingSite(coded(spec.type))]
+        if _is_anatomic(spec.category)
+        else None,
+        algorithm_id=algorithm,
+        measurements=items,
+    )
+
+
+def _is_anatomic(category: Code) -> bool:
+    return (category.value, category.scheme) in _ANATOMIC_CATEGORIES
+
+
+def _check_inputs(
+    source: Sequence[Dataset],
+    seg: hd.seg.Segmentation,
+    segments: Sequence[SegmentSpec],
+    measurements: Sequence[Measurement],
+) -> dict[int, Measurement]:
+    if not source:
+        raise PermanentError("no source images to build an SR from")
+    if not segments:
+        # TID 1500 needs at least one measurement group (highdicom enforces it).
+        raise PermanentError("no segments to report")
+    by_number = {m.segment_number: m for m in measurements}
+    numbers = [spec.number for spec in segments]
+    if len(by_number) != len(measurements) or sorted(by_number) != sorted(numbers):
+        raise PermanentError(
+            f"measurements for segments {sorted(by_number)} do not match segments {numbers}"
+        )
+    seg_numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+    if not set(numbers) <= seg_numbers:
+        raise PermanentError(f"segments {numbers} are not all in the SEG {sorted(seg_numbers)}")
+    for m in measurements:
+        if m.voxel_count < 0 or not math.isfinite(m.volume_ml) or m.volume_ml < 0:
+            raise PermanentError(f"segment {m.segment_number}: invalid volume or voxel count")
+        if m.voxel_count > 0 and not math.isfinite(m.mean_hu):
+            raise PermanentError(f"segment {m.segment_number}: mean HU is not a finite number")
+    return by_number

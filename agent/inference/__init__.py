@@ -1,0 +1,1 @@
+"""Series selection, volume loading and segmentation models."""

@@ -1,0 +1,94 @@
+"""Same inputs give byte-identical SEG and SR; a new model version or input set gives new UIDs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+
+from agent.dicom.uids import output_uids
+from agent.encode.seg import build_seg
+from agent.encode.sr import build_sr
+from tests.encode import (
+    DISCLAIMER,
+    SEGMENTS,
+    SYNTHETIC_SIZE,
+    build_and_save,
+    measurements_for,
+    model,
+    read_headers,
+    synthetic_masks,
+    write_synthetic_ct,
+)
+from tests.support.data import REPO_ROOT
+
+
+def test_building_twice_gives_identical_bytes(tmp_path: Path) -> None:
+    first_seg, first_sr = build_and_save(tmp_path / "first")
+    second_seg, second_sr = build_and_save(tmp_path / "second")
+    assert first_seg.read_bytes() == second_seg.read_bytes()
+    assert first_sr.read_bytes() == second_sr.read_bytes()
+
+
+def test_bytes_do_not_depend_on_process_or_hash_seed(tmp_path: Path) -> None:
+    # Set and dict ordering of strings varies with PYTHONHASHSEED between processes; a repeat
+    # after a restart must still send the same bytes.
+    outputs = []
+    for seed in ("1", "2"):
+        folder = tmp_path / f"seed-{seed}"
+        script = "import sys, pathlib; from tests.encode import build_and_save; "
+        script += "build_and_save(pathlib.Path(sys.argv[1]))"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run(
+            [sys.executable, "-c", script, str(folder)],
+            cwd=REPO_ROOT,
+            env=env,
+            check=True,
+            timeout=120,
+        )
+        outputs.append(((folder / "seg.dcm").read_bytes(), (folder / "sr.dcm").read_bytes()))
+    assert outputs[0] == outputs[1]
+    in_process = build_and_save(tmp_path / "here")
+    assert outputs[0] == (in_process[0].read_bytes(), in_process[1].read_bytes())
+
+
+@pytest.fixture(scope="module")
+def headers(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    return read_headers(write_synthetic_ct(tmp_path_factory.mktemp("det") / "ct"))
+
+
+def _uids_in_objects(headers: list[Dataset], version: str, slices: slice) -> set[str]:
+    """Every UID the encoders mint (not copy) for this input set and model version."""
+    chosen = headers[slices]
+    identity = model(version)
+    uids = output_uids(chosen[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in chosen], identity)
+    masks = synthetic_masks(len(chosen), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
+    seg = build_seg(chosen, masks, SEGMENTS, identity, uids, disclaimer=DISCLAIMER)
+    measured = measurements_for(masks, 0.001)
+    sr = build_sr(chosen, seg, SEGMENTS, measured, identity, uids, disclaimer=DISCLAIMER)
+    tracking = {d.TrackingUID for d in seg.SegmentSequence}
+    return {
+        seg.SeriesInstanceUID,
+        seg.SOPInstanceUID,
+        sr.SeriesInstanceUID,
+        sr.SOPInstanceUID,
+        seg.DimensionOrganizationSequence[0].DimensionOrganizationUID,
+        *tracking,
+    }
+
+
+def test_new_model_version_gives_new_uids(headers: list[Dataset]) -> None:
+    old = _uids_in_objects(headers, "1.0.0", slice(None))
+    new = _uids_in_objects(headers, "1.1.0", slice(None))
+    assert old.isdisjoint(new)
+    assert old == _uids_in_objects(headers, "1.0.0", slice(None))
+
+
+def test_new_input_set_gives_new_uids(headers: list[Dataset]) -> None:
+    full = _uids_in_objects(headers, "1.0.0", slice(None))
+    partial = _uids_in_objects(headers, "1.0.0", slice(1, None))
+    assert full.isdisjoint(partial)

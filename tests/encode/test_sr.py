@@ -1,0 +1,280 @@
+"""build_sr: TID 1500 content that references the SEG, carries the inputs, and validates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from agent.dicom.codes import (
+    ATTENUATION_COEFFICIENT,
+    COMMENT,
+    CT_PROCEDURE,
+    HOUNSFIELD_UNIT,
+    MEAN,
+    MILLILITER,
+    PROCESSING_ALGORITHM,
+    VOLUME,
+    coded,
+)
+from agent.dicom.uids import OutputUids, output_uids
+from agent.domain import Code, Measurement, ModelIdentity
+from agent.encode.seg import build_seg, tracking_uid
+from agent.encode.sr import build_sr
+from agent.errors import PermanentError
+from tests.encode import (
+    DISCLAIMER,
+    PIXEL_SPACING_MM,
+    SEGMENTS,
+    SLICE_THICKNESS_MM,
+    SYNTHETIC_SIZE,
+    measurements_for,
+    model,
+    read_headers,
+    synthetic_masks,
+    write_synthetic_ct,
+)
+from tests.support.data import dicom_files, shared_data
+from tests.support.dciodvfy import assert_dciodvfy_clean
+
+
+@dataclass(frozen=True)
+class Built:
+    headers: list[Dataset]
+    seg: hd.seg.Segmentation
+    measurements: list[Measurement]
+    model: ModelIdentity
+    uids: OutputUids
+    path: Path
+
+
+def _build(headers: list[Dataset], masks: np.ndarray, voxel_ml: float, out: Path) -> Built:
+    identity = model()
+    uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
+    seg = build_seg(headers, masks, SEGMENTS, identity, uids, disclaimer=DISCLAIMER)
+    measured = measurements_for(masks, voxel_ml)
+    sr = build_sr(headers, seg, SEGMENTS, measured, identity, uids, disclaimer=DISCLAIMER)
+    sr.save_as(out, enforce_file_format=True)
+    return Built(headers, seg, measured, identity, uids, out)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    folder = tmp_path_factory.mktemp("synthetic-sr")
+    headers = read_headers(write_synthetic_ct(folder / "ct"))
+    masks = synthetic_masks(len(headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
+    voxel_ml = PIXEL_SPACING_MM**2 * SLICE_THICKNESS_MM / 1000.0
+    return _build(headers, masks, voxel_ml, folder / "sr.dcm")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    headers = read_headers(dicom_files(shared_data("dcmqi", "ct-3slice")))
+    masks = synthetic_masks(len(headers), int(headers[0].Rows), int(headers[0].Columns))
+    spacing = [float(v) for v in headers[0].PixelSpacing]
+    voxel_ml = spacing[0] * spacing[1] * float(headers[0].SliceThickness) / 1000.0
+    return _build(headers, masks, voxel_ml, tmp_path_factory.mktemp("real-sr") / "sr.dcm")
+
+
+@pytest.fixture(params=["synthetic", "real"])
+def built(request: pytest.FixtureRequest) -> Built:
+    result: Built = request.getfixturevalue(request.param)
+    return result
+
+
+def _is(concept: hd.sr.CodedConcept | None, code: Code) -> bool:
+    return concept is not None and (concept.value, concept.scheme_designator) == (
+        code.value,
+        code.scheme,
+    )
+
+
+def _report(sr: object) -> hd.sr.MeasurementReport:
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+def test_sr_is_in_source_study_with_new_series(built: Built) -> None:
+    sr = hd.sr.srread(built.path)
+    source = built.headers[0]
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID == built.uids.sr_series
+    assert sr.SeriesInstanceUID not in (source.SeriesInstanceUID, built.uids.seg_series)
+    assert sr.SOPInstanceUID == built.uids.sr_instance
+    assert sr.PatientName == source.PatientName
+    assert sr.PatientID == source.PatientID
+    assert sr.SeriesNumber == 9902
+    assert sr.CompletionFlag == "COMPLETE"
+    assert sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_sr_is_a_tid_1500_report_with_device_observer(built: Built) -> None:
+    sr = hd.sr.srread(built.path)
+    root = sr.ContentSequence
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    procedures = [
+        item.ConceptCodeSequence[0]
+        for item in root
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ProcedureReported.value
+    ]
+    assert [(p.CodeValue, p.CodingSchemeDesignator) for p in procedures] == [
+        (CT_PROCEDURE.value, CT_PROCEDURE.scheme)
+    ]
+    observers = _report(sr).get_observer_contexts(observer_type=codes.DCM.Device)
+    assert len(observers) == 1
+    attributes = observers[0].observer_identifying_attributes
+    assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert attributes.uid == built.model.device_uid
+    assert attributes.name == built.model.name
+    assert attributes.manufacturer_name == built.model.manufacturer
+    assert attributes.model_name == built.model.name
+    comments = [
+        item.TextValue
+        for item in root
+        if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value and item.ValueType == "TEXT"
+    ]
+    assert comments == [DISCLAIMER]
+
+
+def test_sr_groups_reference_seg_segments(built: Built) -> None:
+    sr = hd.sr.srread(built.path)
+    groups = _report(sr).get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(SEGMENTS)
+    for spec, group in zip(SEGMENTS, groups, strict=True):
+        segment = group.referenced_segment
+        assert segment is not None
+        reference = segment[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == built.seg.SOPInstanceUID
+        assert reference.ReferencedSOPClassUID == pydicom.uid.SegmentationStorage
+        assert reference.ReferencedSegmentNumber == spec.number
+        series = [item for item in segment if item.ValueType == "UIDREF"]
+        assert [item.UID for item in series] == [built.headers[0].SeriesInstanceUID]
+        assert group.tracking_uid == tracking_uid(built.uids, spec.number)
+        assert group.tracking_uid == built.seg.get_segment_description(spec.number).tracking_uid
+        assert group.tracking_identifier == spec.tracking_id
+        assert _is(group.finding_type, spec.type)
+        assert _is(group.finding_category, spec.category)
+        # Anatomical structures name their own site; tissue classes do not.
+        sites = [site.value for site in group.finding_sites]
+        if spec.category.value == "91723000":
+            assert len(sites) == 1 and _is(sites[0], spec.type)
+        else:
+            assert sites == []
+
+
+def test_sr_measurements_equal_inputs(built: Built) -> None:
+    sr = hd.sr.srread(built.path)
+    groups = _report(sr).get_volumetric_roi_measurement_groups()
+    for measured, group in zip(built.measurements, groups, strict=True):
+        volumes = group.get_measurements(name=coded(VOLUME))
+        assert len(volumes) == 1
+        assert volumes[0].value == measured.volume_ml
+        assert _is(volumes[0].unit, MILLILITER)
+        means = group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))
+        if measured.voxel_count == 0:
+            assert math.isnan(measured.mean_hu)
+            assert means == []
+            assert measured.volume_ml == 0.0
+        else:
+            assert len(means) == 1
+            assert means[0].value == measured.mean_hu
+            assert _is(means[0].unit, HOUNSFIELD_UNIT)
+            assert _is(means[0].derivation, MEAN)
+
+
+def test_sr_records_evidence_in_current_procedure(built: Built) -> None:
+    sr = hd.sr.srread(built.path)
+    (study,) = sr.CurrentRequestedProcedureEvidenceSequence
+    assert study.StudyInstanceUID == built.headers[0].StudyInstanceUID
+    referenced = {
+        sop.ReferencedSOPInstanceUID
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in built.headers} | {built.seg.SOPInstanceUID}
+    assert "PertinentOtherEvidenceSequence" not in sr
+
+
+def test_sr_says_it_is_ai_and_has_air_equipment(built: Built) -> None:
+    sr = hd.sr.srread(built.path)
+    assert len(sr.SeriesDescription) <= 64
+    assert sr.SeriesDescription.startswith(f"AI {built.model.name} {built.model.version} SR")
+    assert "not for diagnosis" in sr.SeriesDescription
+    air = [
+        item
+        for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == PROCESSING_ALGORITHM.value
+    ]
+    assert len(air) == 1
+    assert air[0].DeviceUID == built.model.device_uid
+    assert str(sr.ContentDate) == str(built.seg.ContentDate)
+    assert str(sr.ContentTime) == str(built.seg.ContentTime)
+
+
+def test_sr_passes_dciodvfy(built: Built) -> None:
+    assert_dciodvfy_clean(built.path)
+
+
+def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
+    # DS holds 16 characters; highdicom adds the exact FD value when DS would round.
+    measured = [
+        Measurement(1, 1 / 3, -1 / 7, 5),
+        Measurement(2, 123456.123456789, 1e-9, 1),
+        Measurement(3, 0.0, float("nan"), 0),
+    ]
+    sr = build_sr(
+        synthetic.headers,
+        synthetic.seg,
+        SEGMENTS,
+        measured,
+        synthetic.model,
+        synthetic.uids,
+        disclaimer=DISCLAIMER,
+    )
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    groups = _report(hd.sr.srread(tmp_path / "sr.dcm")).get_volumetric_roi_measurement_groups()
+    for m, group in zip(measured, groups, strict=True):
+        assert group.get_measurements(name=coded(VOLUME))[0].value == m.volume_ml
+        if m.voxel_count:
+            assert group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))[0].value == m.mean_hu
+    assert_dciodvfy_clean(tmp_path / "sr.dcm")
+
+
+@pytest.mark.parametrize(
+    "measured",
+    [
+        [Measurement(1, 1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1)],
+        [Measurement(1, 1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1)],
+        [
+            Measurement(1, 1.0, float("nan"), 1),
+            Measurement(2, 1.0, 0.0, 1),
+            Measurement(3, 0, 0, 0),
+        ],
+        [Measurement(1, -1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1), Measurement(3, 0, 0, 0)],
+    ],
+)
+def test_build_sr_rejects_inconsistent_measurements(
+    synthetic: Built, measured: list[Measurement]
+) -> None:
+    with pytest.raises(PermanentError) as error:
+        build_sr(
+            synthetic.headers,
+            synthetic.seg,
+            SEGMENTS,
+            measured,
+            synthetic.model,
+            synthetic.uids,
+            disclaimer=DISCLAIMER,
+        )
+    assert synthetic.headers[0].PatientID not in str(error.value)

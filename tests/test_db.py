@@ -1,0 +1,126 @@
+"""The study state machine and status lines, on every database backend."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.db import (
+    ArrivedInstance,
+    Database,
+    InvalidTransition,
+    State,
+    Superseded,
+    allowed,
+)
+from agent.logs import study_key
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def _arrival(sop: str, at: datetime = T0, study: str = STUDY) -> ArrivedInstance:
+    return ArrivedInstance(
+        study, study + ".1", sop, "1.2.840.10008.5.1.4.1.1.2", Path(f"/s/{sop}"), at
+    )
+
+
+@pytest.fixture
+def db(database_url: str) -> Database:
+    database = Database(database_url)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+def test_forward_path_and_terminal_states() -> None:
+    path = [
+        State.RECEIVING,
+        State.COMPLETE,
+        State.QUEUED,
+        State.INFERRING,
+        State.EXPORTING,
+        State.DONE,
+    ]
+    for current, target in zip(path, path[1:], strict=False):
+        assert allowed(current, target)
+    assert not allowed(State.RECEIVING, State.QUEUED)
+    assert not allowed(State.COMPLETE, State.DONE)
+    assert not allowed(State.DONE, State.FAILED)
+    assert not allowed(State.SKIPPED, State.DONE)
+    for state in State:
+        assert allowed(state, State.RECEIVING)  # a late instance reopens any study
+    assert allowed(State.INFERRING, State.FAILED)
+    assert allowed(State.COMPLETE, State.SKIPPED)
+
+
+def test_arrivals_group_by_study_and_count_once(db: Database) -> None:
+    db.record_arrivals(
+        [_arrival("1.1"), _arrival("1.2"), _arrival("1.1", T0 + timedelta(seconds=5))]
+    )
+    db.record_arrivals([_arrival("2.1", study="1.2.3")])
+    study = db.get(STUDY)
+    assert study is not None
+    assert study.instance_count == 2
+    assert study.state == State.RECEIVING
+    assert study.last_arrival.astimezone(UTC) == T0 + timedelta(seconds=5)
+    assert study.study_key == study_key(STUDY)
+    assert len(db.in_states([State.RECEIVING])) == 2
+
+
+def test_transitions_are_timestamped_and_shown_in_status(db: Database) -> None:
+    db.record_arrivals([_arrival("1.1")])
+    db.transition(STUDY, State.COMPLETE, "1 instances")
+    db.transition(STUDY, State.QUEUED, job_id="job-1")
+    db.transition(STUDY, State.INFERRING, expect_job="job-1")
+    db.transition(STUDY, State.EXPORTING, expect_job="job-1")
+    db.transition(STUDY, State.DONE, "2 objects sent", expect_job="job-1")
+    (row,) = db.recent()
+    assert row.state is State.DONE
+    assert row.reason == "2 objects sent"
+    assert row.instance_count == 1
+    assert [s for s, _ in row.stages] == [
+        State.RECEIVING,
+        State.COMPLETE,
+        State.QUEUED,
+        State.INFERRING,
+        State.EXPORTING,
+        State.DONE,
+    ]
+    assert all(at.tzinfo is not None for _, at in row.stages)
+    assert STUDY not in repr(row)  # status shows the key, never the UID
+
+
+def test_invalid_transition_is_refused(db: Database) -> None:
+    db.record_arrivals([_arrival("1.1")])
+    with pytest.raises(InvalidTransition):
+        db.transition(STUDY, State.DONE)
+    db.transition(STUDY, State.SKIPPED, "no CT series")
+    with pytest.raises(InvalidTransition):
+        db.transition(STUDY, State.FAILED, "late")
+    assert db.get(STUDY).reason == "no CT series"  # type: ignore[union-attr]
+
+
+def test_late_instance_reopens_and_supersedes_the_job(db: Database) -> None:
+    db.record_arrivals([_arrival("1.1")])
+    db.transition(STUDY, State.COMPLETE)
+    db.transition(STUDY, State.QUEUED, job_id="job-1")
+    db.transition(STUDY, State.INFERRING, expect_job="job-1")
+    db.record_arrivals([_arrival("1.2", T0 + timedelta(minutes=1))])
+    study = db.get(STUDY)
+    assert study is not None and study.state == State.RECEIVING and study.job_id is None
+    assert study.reason.startswith("new instance after inferring")
+    with pytest.raises(Superseded):
+        db.transition(STUDY, State.EXPORTING, expect_job="job-1")
+
+
+def test_expect_state_guards_duplicate_deliveries(db: Database) -> None:
+    db.record_arrivals([_arrival("1.1")])
+    db.transition(STUDY, State.COMPLETE)
+    db.transition(STUDY, State.QUEUED, job_id="job-1")
+    db.transition(STUDY, State.INFERRING, expect_job="job-1")
+    db.transition(STUDY, State.EXPORTING, expect_job="job-1")
+    with pytest.raises(InvalidTransition):
+        db.transition(STUDY, State.INFERRING, expect_job="job-1", expect_state=[State.QUEUED])
