@@ -11,20 +11,21 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from celery import Celery
 from sqlalchemy import text
 
-from agent.assembly.assembler import Assembler
-from agent.assembly.policy import SystemClock
 from agent.db import Database
 from agent.errors import AgentError, ConfigError
-from agent.export import dimse
 from agent.logs import configure_logging
-from agent.pipeline import PipelineContext
 from agent.settings import Settings, load_settings
 from agent.spool.layout import SpoolLayout
 from agent.spool.writer import write_atomic
+
+if TYPE_CHECKING:  # the heavy modules (torch, highdicom, celery) load only for the roles using them
+    from celery import Celery
+
+    from agent.pipeline import PipelineContext
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _context(settings: Settings) -> PipelineContext:
+    from agent.pipeline import PipelineContext
+
     layout = SpoolLayout(settings.spool.path)
     layout.create()
     db = Database(settings.database_url)
@@ -56,6 +59,8 @@ def _run_worker(app: Celery, settings: Settings, queues: list[str], name: str) -
 
 
 def cmd_serve(settings: Settings) -> int:
+    from agent.assembly.assembler import Assembler
+    from agent.assembly.policy import SystemClock
     from agent.queue.app import create_app, enqueuer
     from agent.receive.scp import start_receiver
 
@@ -140,6 +145,8 @@ def _check(name: str, action: object) -> bool:
 
 
 def cmd_check_config(settings: Settings) -> int:
+    from agent.export import dimse
+
     layout = SpoolLayout(settings.spool.path)
 
     def spool() -> None:
@@ -159,7 +166,6 @@ def cmd_check_config(settings: Settings) -> int:
     def broker() -> None:
         if settings.queue.embedded:
             return
-        from celery import Celery
 
         app = Celery("pacs_agent_check", broker=settings.queue.broker_url, set_as_current=False)
         with app.connection_for_write() as conn:
@@ -181,6 +187,8 @@ def cmd_check_config(settings: Settings) -> int:
 
 
 def cmd_echo(settings: Settings, name: str) -> int:
+    from agent.export import dimse
+
     dest = next((d for d in settings.destinations if d.name == name), None)
     if dest is None:
         known = ", ".join(d.name for d in settings.destinations) or "none configured"
@@ -223,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         configure_logging(settings.logging.level, settings.logging.format)
+        if args.command not in ("serve", "worker"):
+            # One-shot commands answer in one line; pynetdicom's own error lines would repeat it.
+            logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         if args.command == "serve":
             return cmd_serve(settings)
         if args.command == "worker":

@@ -178,7 +178,7 @@ class Database:
     # -- arrivals ---------------------------------------------------------------------------
 
     def record_arrivals(self, arrivals: Iterable[ArrivedInstance]) -> list[str]:
-        """Store newly spooled instances; reopen a study that had moved on. Returns study keys touched."""
+        """Store newly spooled instances; reopen a study that had moved on. Returns touched keys."""
         touched: dict[str, Study] = {}
         with self.session() as s, s.begin():
             for a in arrivals:

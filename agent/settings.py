@@ -1,4 +1,4 @@
-"""The one typed, frozen configuration model, loaded from TOML; the only place that reads the environment."""
+"""The one typed, frozen configuration model, loaded from TOML; the only reader of settings."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class _Section(BaseModel):
 
 
 class AllowedCaller(_Section):
-    """A peer allowed to associate: its calling AE title and, optionally, the host it must come from."""
+    """A peer allowed to associate: its calling AE title and, optionally, its host."""
 
     ae_title: AeTitle
     host: str | None = None

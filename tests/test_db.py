@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_forward_path_and_terminal_states() -> None:
         State.EXPORTING,
         State.DONE,
     ]
-    for current, target in zip(path, path[1:], strict=False):
+    for current, target in itertools.pairwise(path):
         assert allowed(current, target)
     assert not allowed(State.RECEIVING, State.QUEUED)
     assert not allowed(State.COMPLETE, State.DONE)

@@ -1,1 +1,1 @@
-"""Study assembly: deciding when a study is complete, selecting its series, handing it to a worker."""
+"""Study assembly: when a study is complete, which series to use, handing it to a worker."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -132,18 +133,17 @@ class Assembler:
 
     def retry_waiting(self) -> None:
         for study in self._db.in_states([State.QUEUED]):
-            if study.reason.startswith(WAITING_FOR_BROKER) and study.job_id is not None:
-                if self._send(study.study_uid, study.study_key, study.job_id):
-                    try:
-                        self._db.transition(
-                            study.study_uid,
-                            State.QUEUED,
-                            "sent to broker",
-                            expect_job=study.job_id,
-                            expect_state=[State.QUEUED],
-                        )
-                    except (InvalidTransition, Superseded):
-                        pass  # a worker has already moved it on
+            waiting = study.reason.startswith(WAITING_FOR_BROKER) and study.job_id is not None
+            if waiting and self._send(study.study_uid, study.study_key, str(study.job_id)):
+                # A worker may already have moved it on.
+                with contextlib.suppress(InvalidTransition, Superseded):
+                    self._db.transition(
+                        study.study_uid,
+                        State.QUEUED,
+                        "sent to broker",
+                        expect_job=study.job_id,
+                        expect_state=[State.QUEUED],
+                    )
 
     def _seal(self, study: Study) -> None:
         with log_context(study=study.study_key):

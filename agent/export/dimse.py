@@ -68,7 +68,7 @@ def send(destination: DestinationSettings, calling_ae: str, files: Sequence[Path
             if code not in STORED:
                 shown = "no response" if code is None else f"0x{code:04X}"
                 raise RetryableError(
-                    f"destination {destination.name}: C-STORE of {ds.Modality} object returned {shown}"
+                    f"destination {destination.name}: C-STORE of {ds.Modality} returned {shown}"
                 )
     finally:
         if assoc.is_established:

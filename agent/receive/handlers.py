@@ -7,9 +7,12 @@ import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from io import BytesIO
+from typing import cast
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from agent.db import ArrivedInstance
@@ -55,7 +58,7 @@ class StoreHandler:
             return _status(UNEXPECTED, "internal error, instance not stored")
 
     def _store(self, event: Event) -> int | Dataset:
-        request = event.request
+        request = cast(C_STORE, event.request)
         raw_stream = request.DataSet
         if not isinstance(raw_stream, BytesIO):
             return _status(CANNOT_UNDERSTAND, "no dataset in request")
@@ -86,7 +89,7 @@ class StoreHandler:
             return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request")
 
         path = self._layout.instance_path(ids.study_uid, ids.series_uid, ids.sop_uid)
-        header = BytesIO()
+        header = DicomBytesIO()
         header.write(b"\0" * 128 + b"DICM")
         write_file_meta_info(header, event.file_meta, enforce_standard=True)
         with log_context(study=study_key(ids.study_uid)):

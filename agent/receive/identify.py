@@ -44,7 +44,7 @@ def _raw_text(ds: Dataset, tag: int) -> str:
 
 
 def _stop(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return tag > _LAST_TAG_NEEDED
+    return bool(tag > _LAST_TAG_NEEDED)
 
 
 def identify(raw: bytes, transfer_syntax: UID) -> Identifiers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -57,7 +58,7 @@ def build_ae(settings: ReceiverSettings) -> AE:
     ae.maximum_pdu_size = 1024 * 1024
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
     return ae
 
 
@@ -71,7 +72,7 @@ def start_receiver(
             "[receiver] allowed_callers to restrict it"
         )
     ae = build_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, StoreHandler(layout, sink)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REQUESTED, AccessControl(settings.allowed_callers)),

@@ -1,4 +1,4 @@
-"""Start-up scan: find instances on disk the database does not know (acknowledged before a crash)."""
+"""Start-up scan: instances on disk the database does not know (acknowledged before a crash)."""
 
 from __future__ import annotations
 

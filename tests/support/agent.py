@@ -23,6 +23,7 @@ def write_config(
     broker_url: str = "memory://",
     database_url: str = "",
     quiet_seconds: float = 1.5,
+    max_retries: int = 8,
     destinations: list[tuple[str, str, int]] = (),  # type: ignore[assignment]
     extra: str = "",
 ) -> Path:
@@ -39,6 +40,7 @@ def write_config(
         f"quiet_seconds = {quiet_seconds}",
         "[queue]",
         f'broker_url = "{broker_url}"',
+        f"export_max_retries = {max_retries}",
         "retry_backoff_seconds = 0.5",
         "retry_backoff_max_seconds = 2.0",
         "[database]",

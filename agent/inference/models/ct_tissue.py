@@ -80,24 +80,27 @@ class _Components:
     than the volume, so it converges in a handful of tensor passes on any device.
     """
 
-    mask: torch.Tensor  # (z, y, x) bool
-    run_of: torch.Tensor  # (z, y, x) run index of each set voxel (meaningless elsewhere)
-    run_start: torch.Tensor  # (R,) flat index of the first voxel of each run
+    shape: tuple[int, int, int]
+    run_start: torch.Tensor  # (R,) flat index of the first voxel of each run, ascending
     run_length: torch.Tensor  # (R,) voxels in each run
     run_comp: torch.Tensor  # (R,) component of each run, 0..C-1
     sizes: torch.Tensor  # (C,) voxels per component
 
     def select(self, keep: torch.Tensor) -> torch.Tensor:
         """The voxels of the components where `keep` (C,) is true."""
-        if self.run_comp.numel() == 0:
-            return torch.zeros_like(self.mask)
-        keep_run = keep[self.run_comp]
-        return keep_run[self.run_of] & self.mask
-
-
-def _shifted_pairs(mask: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = mask.shape[axis]
-    return mask.narrow(axis, 0, n - 1), mask.narrow(axis, 1, n - 1)
+        device = self.run_start.device
+        total = self.shape[0] * self.shape[1] * self.shape[2]
+        chosen = keep.index_select(0, self.run_comp)
+        first = self.run_start[chosen]
+        after = first + self.run_length[chosen]
+        after = after[after < total]
+        # +1 where a kept run begins, -1 just after it ends; the running sum is then 1 inside
+        # kept runs and 0 elsewhere, so int8 cannot overflow (and is much faster than int32).
+        delta = torch.zeros(total, dtype=torch.int8, device=device)
+        delta.index_fill_(0, first, 1)
+        # A run may end right before the next row's run begins: subtract, do not overwrite.
+        delta.index_copy_(0, after, delta.index_select(0, after) - 1)
+        return torch.cumsum(delta, 0, dtype=torch.int8).view(self.shape).bool()
 
 
 def _components(mask: torch.Tensor, axes: tuple[int, ...]) -> _Components:
@@ -106,38 +109,43 @@ def _components(mask: torch.Tensor, axes: tuple[int, ...]) -> _Components:
     axes=(0, 1) gives 3D components; axes=(1,) gives components within each slice.
     """
     device = mask.device
-    shape = mask.shape
+    shape = (mask.shape[0], mask.shape[1], mask.shape[2])
     flat = mask.reshape(-1)
-    starts = mask.clone()
-    starts[..., 1:] &= ~mask[..., :-1]
-    ends = mask.clone()
-    ends[..., :-1] &= ~mask[..., 1:]
-    index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
-    run_of = (torch.cumsum(starts.reshape(-1), 0, dtype=index_dtype) - 1).clamp_min_(0)
-    run_start = starts.reshape(-1).nonzero().squeeze(1)
-    run_end = ends.reshape(-1).nonzero().squeeze(1)
+    # A run starts where a set voxel follows an unset one or begins its row; it ends likewise.
+    # (On bytes, "set after unset" is one comparison.)
+    as_bytes = flat.view(torch.uint8)
+    starts = torch.empty_like(flat)
+    torch.gt(as_bytes[1:], as_bytes[:-1], out=starts[1:])
+    starts.view(shape)[..., 0] = mask[..., 0]
+    ends = torch.empty_like(flat)
+    torch.gt(as_bytes[:-1], as_bytes[1:], out=ends[:-1])
+    ends.view(shape)[..., -1] = mask[..., -1]
+    run_start = starts.nonzero().squeeze(1)
+    run_length = ends.nonzero().squeeze(1) - run_start + 1
     n_runs = run_start.numel()
-    run_of = run_of.view(shape)
+    runs = torch.arange(n_runs, device=device)
 
-    # Two runs in neighbouring rows (or slices) touch iff their x intervals overlap, and then
-    # the later of the two starts lies in the overlap: one edge per overlap suffices.
+    # Runs in neighbouring rows (or slices) touch iff their x intervals overlap, and then the
+    # later of the two starts lies in the overlap. So probing the voxel beside each start, in
+    # the row before and the row after, finds every edge while touching only R voxels.
+    strides = (shape[1] * shape[2], shape[2], 1)
     us: list[torch.Tensor] = []
     vs: list[torch.Tensor] = []
     for axis in axes:
-        if shape[axis] < 2:
-            continue
-        lo, hi = _shifted_pairs(mask, axis)
-        s_lo, s_hi = _shifted_pairs(starts, axis)
-        r_lo, r_hi = _shifted_pairs(run_of, axis)
-        edge = lo & hi & (s_lo | s_hi)
-        us.append(r_lo[edge].long())
-        vs.append(r_hi[edge].long())
-    u = torch.cat(us) if us else torch.zeros(0, dtype=torch.long, device=device)
-    v = torch.cat(vs) if vs else torch.zeros(0, dtype=torch.long, device=device)
+        stride = strides[axis]
+        coordinate = (run_start // stride) % shape[axis]
+        for step, inside in ((stride, coordinate < shape[axis] - 1), (-stride, coordinate > 0)):
+            there = run_start[inside] + step
+            touching = flat.index_select(0, there)
+            us.append(runs[inside][touching])
+            # Runs are sorted by start, so the run holding a voxel is found by bisection.
+            vs.append(torch.searchsorted(run_start, there[touching], right=True) - 1)
+    u = torch.cat(us) if us else runs[:0]
+    v = torch.cat(vs) if vs else runs[:0]
 
-    parent = torch.arange(n_runs, device=device)
+    parent = runs.clone()
     while u.numel():
-        pu, pv = parent[u], parent[v]
+        pu, pv = parent.index_select(0, u), parent.index_select(0, v)
         apart = pu != pv
         if not bool(apart.any()):
             break
@@ -148,17 +156,15 @@ def _components(mask: torch.Tensor, axes: tuple[int, ...]) -> _Components:
         parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
         # Pointer jumping until every run points at its root.
         while True:
-            grand = parent[parent]
+            grand = parent.index_select(0, parent)
             if torch.equal(grand, parent):
                 break
             parent = grand
-    is_root = parent == torch.arange(n_runs, device=device)
-    compact = torch.cumsum(is_root, 0) - 1
-    run_comp = compact[parent]
-    lengths = run_end - run_start + 1
+    is_root = parent == runs
+    run_comp = (torch.cumsum(is_root, 0) - 1).index_select(0, parent)
     sizes = torch.zeros(int(is_root.sum()), dtype=torch.long, device=device)
-    sizes.index_add_(0, run_comp, lengths)
-    return _Components(mask, run_of, run_start, lengths, run_comp, sizes)
+    sizes.index_add_(0, run_comp, run_length)
+    return _Components(shape, run_start, run_length, run_comp, sizes)
 
 
 def _bbox(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:

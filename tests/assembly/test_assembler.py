@@ -1,0 +1,164 @@
+"""The rig.assembler with a fake rig.clock and a recording enqueue: sealing, skipping, recovery."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from agent.assembly.assembler import WAITING_FOR_BROKER, Assembler
+from agent.db import ArrivedInstance, Database, State
+from agent.domain import Manifest
+from agent.errors import RetryableError
+from agent.spool.layout import SpoolLayout
+from tests.support.data import dicom_files, shared_data
+from tests.support.phantom import write_phantom_series
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.at = T0
+
+    def now(self) -> datetime:
+        return self.at
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, Path]] = []
+        self.fail = False
+
+    def __call__(self, job_id: str, manifest: Path) -> None:
+        if self.fail:
+            raise RetryableError("broker unavailable (test)")
+        self.jobs.append((job_id, manifest))
+
+
+@dataclass
+class Rig:
+    assembler: Assembler
+    db: Database
+    layout: SpoolLayout
+    clock: FakeClock
+    recorder: Recorder
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    db = Database(f"sqlite:///{tmp_path / 'agent.db'}")
+    db.create_schema()
+    clock, recorder = FakeClock(), Recorder()
+    assembler = Assembler(
+        db, layout, quiet_seconds=30, models=("ct-tissue",), enqueue=recorder, clock=clock
+    )
+    return Rig(assembler, db, layout, clock, recorder)
+
+
+def _spool(layout: SpoolLayout, files: list[Path], at: datetime) -> list[ArrivedInstance]:
+    """Copy files into the spool as the receiver would, returning their arrivals."""
+    arrivals = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        path = layout.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, path)
+        arrivals.append(
+            ArrivedInstance(
+                ds.StudyInstanceUID,
+                ds.SeriesInstanceUID,
+                ds.SOPInstanceUID,
+                ds.SOPClassUID,
+                path,
+                at,
+            )
+        )
+    return arrivals
+
+
+def test_study_is_sealed_only_after_quiet_period(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=12, rows=32, cols=32)
+    for arrival in _spool(rig.layout, list(truth.files), T0):
+        rig.assembler.submit(arrival)
+    assert rig.assembler.drain() == 12
+
+    rig.clock.at = T0 + timedelta(seconds=29)
+    rig.assembler.seal_quiet_studies()
+    assert rig.db.get(truth.study_uid).state == State.RECEIVING  # type: ignore[union-attr]
+    assert rig.recorder.jobs == []
+
+    rig.clock.at = T0 + timedelta(seconds=30)
+    rig.assembler.seal_quiet_studies()
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED
+    ((job_id, manifest_path),) = rig.recorder.jobs
+    assert job_id == study.job_id
+    manifest = Manifest.from_json(manifest_path.read_text())
+    assert manifest.study_uid == truth.study_uid
+    assert manifest.series_uid == truth.series_uid
+    assert manifest.models == ("ct-tissue",)
+    # Slice order, not arrival or file-name order.
+    sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in manifest.files]
+    assert sops == list(truth.sop_uids)
+
+
+def test_study_without_usable_series_is_skipped_with_reason(rig: Rig) -> None:
+    mr = dicom_files(shared_data("pacsman-dummy-mr"))[:5]
+    arrivals = _spool(rig.layout, mr, T0)
+    rig.db.record_arrivals(arrivals)
+    rig.clock.at = T0 + timedelta(minutes=1)
+    rig.assembler.seal_quiet_studies()
+    study = rig.db.get(arrivals[0].study_uid)
+    assert study is not None and study.state == State.SKIPPED
+    assert "no CT series" in study.reason
+    assert rig.recorder.jobs == []
+
+
+def test_broker_down_waits_then_sends(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=6, rows=32, cols=32)
+    rig.db.record_arrivals(_spool(rig.layout, list(truth.files), T0))
+    rig.recorder.fail = True
+    rig.clock.at = T0 + timedelta(minutes=1)
+    rig.assembler.seal_quiet_studies()
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED
+    assert study.reason.startswith(WAITING_FOR_BROKER)
+    rig.assembler.retry_waiting()  # still down: nothing changes, nothing lost
+    assert rig.db.get(truth.study_uid).reason.startswith(WAITING_FOR_BROKER)  # type: ignore[union-attr]
+    rig.recorder.fail = False
+    rig.assembler.retry_waiting()
+    assert len(rig.recorder.jobs) == 1
+    assert rig.db.get(truth.study_uid).reason == "sent to broker"  # type: ignore[union-attr]
+
+
+def test_resume_recovers_unrecorded_instances_and_partial_writes(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=5, rows=32, cols=32)
+    _spool(rig.layout, list(truth.files), T0)  # on disk, acknowledged, never recorded (crash)
+    (rig.layout.tmp / "abc.part").write_bytes(b"half an instance")
+    rig.assembler.resume(requeue_in_flight=True)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.instance_count == 5
+    assert not list(rig.layout.tmp.glob("*.part"))
+
+
+def test_resume_requeues_in_flight_jobs_only_for_the_embedded_broker(
+    rig: Rig, tmp_path: Path
+) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=5, rows=32, cols=32)
+    rig.db.record_arrivals(_spool(rig.layout, list(truth.files), T0))
+    rig.clock.at = T0 + timedelta(minutes=1)
+    rig.assembler.seal_quiet_studies()
+    job = rig.db.get(truth.study_uid).job_id  # type: ignore[union-attr]
+    rig.db.transition(truth.study_uid, State.INFERRING, expect_job=job)
+    rig.recorder.jobs.clear()
+    rig.assembler.resume(requeue_in_flight=False)  # Redis still holds the unacknowledged message
+    assert rig.recorder.jobs == []
+    rig.assembler.resume(requeue_in_flight=True)  # memory:// lost it with the process
+    assert [j for j, _ in rig.recorder.jobs] == [job]

@@ -1,0 +1,102 @@
+"""The command line: exit codes, one-line messages, check-config and echo against a real PACS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import cli, write_config
+from tests.support.orthanc import Orthanc
+from tests.support.ports import free_port
+
+
+@pytest.fixture(scope="module")
+def orthanc() -> Iterator[Orthanc]:
+    with Orthanc() as pacs:
+        yield pacs
+
+
+def test_check_config_reports_each_part(orthanc: Orthanc, tmp_path: Path, redis_url: str) -> None:
+    dead = free_port()  # nothing listens there
+    config = write_config(
+        tmp_path,
+        port=free_port(),
+        broker_url=redis_url,
+        destinations=[
+            (orthanc.aet, "127.0.0.1", orthanc.dicom_port),
+            ("NOBODY", "127.0.0.1", dead),
+        ],
+    )
+    result = cli("check-config", "--config", str(config))
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert any(line.startswith("ok    spool") for line in lines)
+    assert any(line.startswith("ok    database") for line in lines)
+    assert any(line.startswith("ok    broker redis://") for line in lines)
+    assert any(line.startswith("ok    destination pacs0") for line in lines)
+    assert any(line.startswith("FAIL  destination pacs1") for line in lines)
+
+
+def test_check_config_all_ok_exits_zero(orthanc: Orthanc, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, port=free_port(), destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)]
+    )
+    result = cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_broker_down_is_reported(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, port=free_port(), broker_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    result = cli("check-config", "--config", str(config), timeout=120)
+    assert result.returncode == 1
+    assert "FAIL  broker redis://" in result.stdout
+
+
+def test_echo(orthanc: Orthanc, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        port=free_port(),
+        destinations=[
+            (orthanc.aet, "127.0.0.1", orthanc.dicom_port),
+            ("NOBODY", "127.0.0.1", free_port()),
+        ],
+    )
+    ok = cli("echo", "--config", str(config), "pacs0")
+    assert ok.returncode == 0 and "success" in ok.stdout
+    down = cli("echo", "--config", str(config), "pacs1")
+    assert down.returncode == 1
+    assert down.stderr.strip().count("\n") == 0 and "pacs1" in down.stderr
+    unknown = cli("echo", "--config", str(config), "nope")
+    assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[receiver]\nport = 'eleven'\n")
+    for command in ("serve", "status", "check-config"):
+        result = cli(command, "--config", str(config))
+        assert result.returncode == 2
+        assert "receiver.port" in result.stderr and str(config) in result.stderr
+        assert result.stderr.strip().count("\n") == 0
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = cli("status", "--config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2 and "cannot read configuration file" in result.stderr
+
+
+def test_worker_refuses_the_in_memory_broker(tmp_path: Path) -> None:
+    config = write_config(tmp_path, port=free_port())
+    result = cli("worker", "--config", str(config))
+    assert result.returncode == 2 and "memory://" in result.stderr
+
+
+def test_status_without_studies(tmp_path: Path) -> None:
+    config = write_config(tmp_path, port=free_port())
+    result = cli("status", "--config", str(config))
+    assert result.returncode == 0 and result.stdout.strip() == "no studies yet"
