@@ -166,6 +166,7 @@ def cmd_check_config(settings: Settings) -> int:
     def broker() -> None:
         if settings.queue.embedded:
             return
+        from celery import Celery
 
         app = Celery("pacs_agent_check", broker=settings.queue.broker_url, set_as_current=False)
         with app.connection_for_write() as conn:

@@ -159,8 +159,8 @@ def note_retry(ctx: PipelineContext, job_id: str, reason: str) -> None:
     """Record (and log) that the export will be tried again, and why."""
     manifest = _manifest(ctx, job_id)
     with log_context(study=study_key(manifest.study_uid), job=job_id):
-        log.warning("export %s", reason)
         ctx.db.transition(manifest.study_uid, State.EXPORTING, reason, expect_job=job_id)
+        log.warning("export %s", reason)
 
 
 def end(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:

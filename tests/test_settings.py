@@ -72,3 +72,9 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValueError):
         settings.receiver.port = 1  # type: ignore[misc]
+
+
+def test_deploy_example_is_valid() -> None:
+    settings = load_settings(REPO_ROOT / "deploy" / "scale-out.example.toml")
+    assert not settings.queue.embedded
+    assert settings.database_url.startswith("postgresql+psycopg://")

@@ -33,7 +33,7 @@ IDENTITY = ModelIdentity(
 )
 
 # PS3.16 CID 7150 "Segmentation Property Category" and CID 7151 "Segmentation Property Type".
-_ANATOMY = Code("123037004", "SCT", "Anatomical Structure")
+_ANATOMY = Code("91723000", "SCT", "Anatomical Structure")
 _TISSUE = Code("85756007", "SCT", "Tissue")
 SEGMENTS = (
     SegmentSpec(1, "Body", _ANATOMY, Code("38266002", "SCT", "Entire body"), "ct-tissue body"),
@@ -64,7 +64,8 @@ SOFT_MAX_HU = 150.0
 BODY_OPENING_MM = 3.0
 # Body parts kept besides the largest one (arms beside the trunk), as a fraction of it.
 BODY_MIN_FRACTION = 0.02
-# Enclosed air smaller than this is bowel gas or an airway fragment, not lung.
+# Enclosed air smaller than this is bowel gas or an airway fragment, not lung. (Larger gas
+# pockets in the bowel do count as lung: a known limit of a threshold model.)
 LUNG_MIN_ML = 30.0
 # Bone: fill gaps in trabecular bone up to this area per slice, but not the spinal canal.
 BONE_MAX_HOLE_MM2 = 50.0
