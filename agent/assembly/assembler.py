@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from agent.assembly.policy import Clock, is_complete
 from agent.db import (
     IN_FLIGHT,
@@ -21,7 +23,7 @@ from agent.db import (
     Superseded,
 )
 from agent.domain import Manifest
-from agent.errors import RetryableError, StudySkipped
+from agent.errors import PermanentError, RetryableError, StudySkipped
 from agent.inference.volume import read_header, select_series
 from agent.logs import log_context
 from agent.spool.layout import SpoolLayout
@@ -155,14 +157,15 @@ class Assembler:
                     f"{len(paths)} instances",
                     expect_state=[State.RECEIVING],
                 )
+            headers = _readable_headers(paths)
             try:
-                files = select_series({p: read_header(p) for p in paths})
+                files = select_series(headers)
             except StudySkipped as skip:
                 log.info("study skipped: %s", skip.reason)
                 self._db.transition(study.study_uid, State.SKIPPED, skip.reason)
                 return
             job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
-            series_uid = str(read_header(files[0]).SeriesInstanceUID)
+            series_uid = str(headers[files[0]].SeriesInstanceUID)
             manifest = Manifest(job_id, study.study_uid, series_uid, self._models, files)
             manifest_path = self._layout.manifest_path(job_id)
             write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
@@ -196,3 +199,18 @@ class Assembler:
     def _db_reason_is_waiting(self, study_uid: str) -> bool:
         study = self._db.get(study_uid)
         return study is not None and study.reason.startswith(WAITING_FOR_BROKER)
+
+
+def _readable_headers(paths: list[Path]) -> dict[Path, Dataset]:
+    """Headers of the study's instances; one that cannot be parsed is left out, with a warning.
+
+    The receiver validates only the identifying elements, so a dataset damaged further on is
+    stored (and acknowledged) but cannot be used; it must not block the rest of the study.
+    """
+    headers: dict[Path, Dataset] = {}
+    for path in paths:
+        try:
+            headers[path] = read_header(path)
+        except PermanentError as exc:
+            log.warning("instance not usable: %s", exc)
+    return headers

@@ -53,8 +53,11 @@ class _Slice:
 
 
 def read_header(path: Path) -> Dataset:
-    """Read a DICOM file without its pixel data."""
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    """Read a DICOM file without its pixel data; PermanentError if it cannot be parsed."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types for a damaged file
+        raise PermanentError(f"cannot read {path.name}: {type(exc).__name__}") from exc
 
 
 def _normal(orientation: Sequence[float]) -> np.ndarray:

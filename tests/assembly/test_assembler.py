@@ -1,4 +1,4 @@
-"""The rig.assembler with a fake rig.clock and a recording enqueue: sealing, skipping, recovery."""
+"""The assembler with a fake clock and a recording enqueue: sealing, skipping, recovery."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from agent.assembly.assembler import WAITING_FOR_BROKER, Assembler
 from agent.db import ArrivedInstance, Database, State
@@ -162,3 +166,39 @@ def test_resume_requeues_in_flight_jobs_only_for_the_embedded_broker(
     assert rig.recorder.jobs == []
     rig.assembler.resume(requeue_in_flight=True)  # memory:// lost it with the process
     assert [j for j, _ in rig.recorder.jobs] == [job]
+
+
+def test_damaged_instance_is_left_out_not_fatal(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=8, rows=32, cols=32)
+    arrivals = _spool(rig.layout, list(truth.files), T0)
+    rig.db.record_arrivals(arrivals)
+    # An object whose identifying elements were fine but whose dataset breaks off inside a
+    # sequence: the receiver stored it, selection must not trip over it.
+    damaged = arrivals[0].path.with_name("1.2.3.4.dcm")
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buffer = DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)
+    truncated_sequence = (
+        b"\x08\x00\x18\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00ab"
+    )
+    damaged.write_bytes(buffer.getvalue() + truncated_sequence)
+    rig.db.record_arrivals(
+        [
+            ArrivedInstance(
+                truth.study_uid, "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", damaged, T0
+            )
+        ]
+    )
+    rig.clock.at = T0 + timedelta(minutes=1)
+    rig.assembler.seal_quiet_studies()
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED
+    (_, manifest_path) = rig.recorder.jobs[0]
+    assert len(Manifest.from_json(manifest_path.read_text()).files) == 8
+    assert "instance not usable: cannot read 1.2.3.4.dcm" in caplog.text
