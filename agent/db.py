@@ -178,56 +178,73 @@ class Database:
     # -- arrivals ---------------------------------------------------------------------------
 
     def record_arrivals(self, arrivals: Iterable[ArrivedInstance]) -> list[str]:
-        """Store newly spooled instances; reopen a study that had moved on. Returns touched keys."""
-        touched: dict[str, Study] = {}
+        """Store newly spooled instances; reopen a study that had moved on. Returns touched keys.
+
+        One transaction and two queries per study however large the batch: this runs while a
+        modality is still sending, and every millisecond here is taken from the receiver.
+        """
+        by_study: dict[str, dict[str, ArrivedInstance]] = {}
+        for a in arrivals:
+            by_study.setdefault(a.study_uid, {})[a.sop_uid] = a  # a re-send keeps the latest
+        keys = []
         with self.session() as s, s.begin():
-            for a in arrivals:
-                study = touched.get(a.study_uid) or s.scalar(
-                    select(Study).where(Study.study_uid == a.study_uid)
-                )
-                if study is None:
-                    study = Study(
-                        study_uid=a.study_uid,
-                        study_key=study_key(a.study_uid),
-                        state=State.RECEIVING,
-                        reason="",
-                        attempts=0,
-                        instance_count=0,
-                        first_arrival=a.received_at,
-                        last_arrival=a.received_at,
-                        updated_at=a.received_at,
-                    )
-                    s.add(study)
-                    s.flush()
-                    s.add(Transition(study_id=study.id, state=State.RECEIVING, at=a.received_at))
-                touched[a.study_uid] = study
-                existing = s.scalar(
-                    select(Instance).where(
-                        Instance.study_id == study.id, Instance.sop_uid == a.sop_uid
-                    )
-                )
-                if existing is None:
-                    s.add(
-                        Instance(
-                            study_id=study.id,
-                            series_uid=a.series_uid,
-                            sop_uid=a.sop_uid,
-                            sop_class_uid=a.sop_class_uid,
-                            path=str(a.path),
-                            received_at=a.received_at,
+            for study_uid, batch in by_study.items():
+                study = self._study_for_arrivals(s, study_uid, batch.values())
+                existing = {
+                    row.sop_uid: row
+                    for row in s.scalars(
+                        select(Instance).where(
+                            Instance.study_id == study.id, Instance.sop_uid.in_(list(batch))
                         )
                     )
-                    study.instance_count += 1
-                else:
-                    existing.path = str(a.path)
-                    existing.received_at = a.received_at
-                study.last_arrival = max(_aware(study.last_arrival), a.received_at)
+                }
+                fresh = [a for sop, a in batch.items() if sop not in existing]
+                s.add_all(
+                    Instance(
+                        study_id=study.id,
+                        series_uid=a.series_uid,
+                        sop_uid=a.sop_uid,
+                        sop_class_uid=a.sop_class_uid,
+                        path=str(a.path),
+                        received_at=a.received_at,
+                    )
+                    for a in fresh
+                )
+                for sop, row in existing.items():
+                    row.path = str(batch[sop].path)
+                    row.received_at = batch[sop].received_at
+                study.instance_count += len(fresh)
+                latest = max(a.received_at for a in batch.values())
+                study.last_arrival = max(_aware(study.last_arrival), latest)
                 if study.state != State.RECEIVING:
                     # PS3.4 does not say when a study ends; a late instance means the result
                     # would be incomplete, so the study is assembled again as a new job.
                     self._move(s, study, State.RECEIVING, "new instance after " + study.state)
                     study.job_id = None
-        return [st.study_key for st in touched.values()]
+                keys.append(study.study_key)
+        return keys
+
+    @staticmethod
+    def _study_for_arrivals(s: Session, study_uid: str, batch: Iterable[ArrivedInstance]) -> Study:
+        study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is not None:
+            return study
+        first = min(a.received_at for a in batch)
+        study = Study(
+            study_uid=study_uid,
+            study_key=study_key(study_uid),
+            state=State.RECEIVING,
+            reason="",
+            attempts=0,
+            instance_count=0,
+            first_arrival=first,
+            last_arrival=first,
+            updated_at=first,
+        )
+        s.add(study)
+        s.flush()
+        s.add(Transition(study_id=study.id, state=State.RECEIVING, at=first))
+        return study
 
     def known_paths(self) -> set[str]:
         with self.session() as s:

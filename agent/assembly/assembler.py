@@ -6,6 +6,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str, Path], None]
 WAITING_FOR_BROKER = "waiting for broker"
+# Arrivals are written to the database in batches gathered for at most this long; the quiet
+# period is measured from each instance's own arrival time, so batching does not delay it.
+BATCH_SECONDS = 0.5
+BATCH_MAX = 2000
 
 
 class Assembler:
@@ -116,11 +121,22 @@ class Assembler:
     # -- one step each (also called directly by tests) ------------------------------------------
 
     def drain(self, wait: float = 0.0) -> int:
+        """Record queued arrivals in one transaction; returns how many.
+
+        With `wait`, block for the first arrival, then keep gathering for up to BATCH_SECONDS
+        so that a study arriving at full speed costs a few transactions, not one per instance.
+        """
         batch: list[ArrivedInstance] = []
         try:
             batch.append(self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait())
-            while len(batch) < 1000:
-                batch.append(self._inbox.get_nowait())
+            deadline = time.monotonic() + (BATCH_SECONDS if wait else 0.0)
+            while len(batch) < BATCH_MAX:
+                remaining = deadline - time.monotonic()
+                batch.append(
+                    self._inbox.get(timeout=remaining)
+                    if remaining > 0
+                    else self._inbox.get_nowait()
+                )
         except queue.Empty:
             pass
         if batch:

@@ -144,7 +144,13 @@ class AccessControl:
             assoc.kill()
 
 
+# pynetdicom's DUL thread sleeps this long whenever a pass finds nothing to do (1 ms by
+# default). A sender waits for each C-STORE response, so that sleep is paid on every instance.
+DUL_IDLE_SLEEP_SECONDS = 0.0002
+
+
 def handle_conn_open(event: Event) -> None:
+    event.assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_SECONDS
     # Small C-STORE responses otherwise wait on Nagle's algorithm and delayed ACKs (~40 ms each).
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
