@@ -75,7 +75,12 @@ def cmd_serve(settings: Settings) -> int:
         clock=SystemClock(),
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
-    server = start_receiver(settings.receiver, ctx.layout, assembler.submit)
+    try:
+        server = start_receiver(settings.receiver, ctx.layout, assembler.submit)
+    except OSError as exc:
+        ctx.db.dispose()
+        where = f"{settings.receiver.host}:{settings.receiver.port}"
+        raise AgentError(f"receiver cannot listen on {where}: {exc.strerror}") from exc
     assembler.start()
     try:
         if settings.queue.embedded:

@@ -100,3 +100,16 @@ def test_status_without_studies(tmp_path: Path) -> None:
     config = write_config(tmp_path, port=free_port())
     result = cli("status", "--config", str(config))
     assert result.returncode == 0 and result.stdout.strip() == "no studies yet"
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path, port=port)
+        result = cli("serve", "--config", str(config))
+    assert result.returncode == 1
+    assert f"receiver cannot listen on 127.0.0.1:{port}" in result.stderr.splitlines()[-1]
