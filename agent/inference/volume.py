@@ -269,7 +269,7 @@ def _decode(path: Path) -> tuple[Dataset, np.ndarray]:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for a damaged file
-        raise PermanentError(f"cannot read {path.name}: {exc}") from exc
+        raise PermanentError(f"cannot read {path.name}: {type(exc).__name__}") from exc
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     syntax_name = getattr(syntax, "name", str(syntax))
     try:

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from agent.dicom.uids import derive_uid
 from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
+from tests.support.phantom import write_phantom_series
 
 SYNTHETIC_SLICES = 10
 SYNTHETIC_SIZE = 64
@@ -44,75 +43,18 @@ def model(version: str = "1.0.0") -> ModelIdentity:
 
 
 def write_synthetic_ct(folder: Path, slices: int = SYNTHETIC_SLICES) -> list[Path]:
-    """Write a small single-frame CT Image Storage series (PS3.3 A.3) and return its files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study = derive_uid("test", "synthetic-ct", "study")
-    series = derive_uid("test", "synthetic-ct", "series")
-    frame_of_reference = derive_uid("test", "synthetic-ct", "for")
-    paths = []
-    for index in range(slices):
-        sop = derive_uid("test", "synthetic-ct", "instance", str(index))
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = UID(sop)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop
-        ds.InstanceCreationDate = "20240102"
-        ds.InstanceCreationTime = "101500"
-        # Patient and General Study
-        ds.PatientName = "SYNTHETIC^CT"
-        ds.PatientID = "SYN-0001"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study
-        ds.StudyDate = "20240102"
-        ds.StudyTime = "100000"
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.AccessionNumber = "ACC0001"
-        # General Series, Frame of Reference, General Equipment
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = series
-        ds.SeriesNumber = 2
-        ds.SeriesDate = "20240102"
-        ds.SeriesTime = "100500"
-        ds.FrameOfReferenceUID = frame_of_reference
-        ds.PositionReferenceIndicator = ""
-        ds.Manufacturer = "Synthetic Scanner Co"
-        ds.ManufacturerModelName = "Synth CT"
-        # General Image, CT Image, Image Plane
-        ds.InstanceNumber = index + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ContentDate = "20240102"
-        ds.ContentTime = f"1010{index:02d}"
-        ds.AcquisitionNumber = 1
-        ds.KVP = "120"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
-        ds.SliceThickness = SLICE_THICKNESS_MM
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-25.6, -25.6, -100.0 + index * SLICE_THICKNESS_MM]
-        # Image Pixel
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = SYNTHETIC_SIZE
-        ds.Columns = SYNTHETIC_SIZE
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        pixels = np.full((SYNTHETIC_SIZE, SYNTHETIC_SIZE), 1024 + 40, dtype=np.int16)
-        ds.PixelData = pixels.tobytes()
-        path = folder / f"{index:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    """A small single-frame CT Image Storage series (PS3.3 A.3), the same on every run."""
+    truth = write_phantom_series(
+        folder,
+        slices=slices,
+        rows=SYNTHETIC_SIZE,
+        cols=SYNTHETIC_SIZE,
+        pixel_spacing=PIXEL_SPACING_MM,
+        slice_spacing=SLICE_THICKNESS_MM,
+        study_uid=derive_uid("test", "synthetic-ct", "study"),
+        shuffle_names=False,
+    )
+    return list(truth.files)
 
 
 def read_headers(paths: list[Path]) -> list[Dataset]:
