@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 import uuid
@@ -48,7 +49,7 @@ def _run_worker(app: Celery, settings: Settings, queues: list[str], name: str) -
         pool="solo",  # one process per GPU: the model stays loaded between tasks
         concurrency=1,
         queues=queues,
-        hostname=f"{name}-{uuid.uuid4().hex[:6]}@%h",
+        hostname=f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}",
         loglevel=settings.logging.level,
         without_mingle=True,
         without_gossip=True,

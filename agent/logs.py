@@ -68,3 +68,5 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO, and some of its lines carry patient attributes.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # highdicom narrates every attribute it copies, naming source instances.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))

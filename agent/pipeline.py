@@ -144,15 +144,20 @@ def export(ctx: PipelineContext, job_id: str) -> None:
         files = encode(ctx, manifest)
         for destination in ctx.settings.destinations:
             dimse.send(destination, ctx.settings.receiver.ae_title, files)
-        names = ", ".join(d.name for d in ctx.settings.destinations) or "no destination configured"
+        names = ", ".join(d.name for d in ctx.settings.destinations)
+        outcome = (
+            f"{len(files)} objects sent to {names}"
+            if names
+            else f"{len(files)} objects kept in the outbox: no destination configured"
+        )
         ctx.db.transition(
             manifest.study_uid,
             State.DONE,
-            f"{len(files)} objects sent to {names}",
+            outcome,
             expect_job=job_id,
             expect_state=[State.EXPORTING],
         )
-        log.info("study done: %d objects sent", len(files))
+        log.info("study done: %s", outcome)
 
 
 def note_retry(ctx: PipelineContext, job_id: str, reason: str) -> None:

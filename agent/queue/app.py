@@ -22,7 +22,9 @@ def create_app(settings: Settings, context: Callable[[], PipelineContext]) -> Ce
     from agent.queue.tasks import register_tasks  # tasks need the app; the app does not need them
 
     limit = settings.queue.task_time_limit_seconds
-    app = Celery("pacs_agent", broker=settings.queue.broker_url, set_as_current=False)
+    # kombu warns about a memory:// URL without a host; the host means nothing there.
+    broker = "memory://localhost/" if settings.queue.embedded else settings.queue.broker_url
+    app = Celery("pacs_agent", broker=broker, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
         # A worker killed mid-task (OOM, node loss) leaves the message to be redelivered.
