@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.db import Database
 from agent.errors import AgentError, ConfigError
@@ -255,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except AgentError as exc:
         print(f"pacs-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"pacs-agent: database unavailable: {detail}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK

@@ -113,3 +113,12 @@ def test_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
         result = cli("serve", "--config", str(config))
     assert result.returncode == 1
     assert f"receiver cannot listen on 127.0.0.1:{port}" in result.stderr.splitlines()[-1]
+
+
+def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none"
+    config = write_config(tmp_path, port=free_port(), database_url=url)
+    result = cli("status", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.startswith("pacs-agent: database unavailable:")
+    assert result.stderr.strip().count("\n") == 0
