@@ -11,6 +11,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from agent.db import TERMINAL, Database, InvalidTransition, State, Superseded
+from agent.dicom.files import read_header
 from agent.dicom.uids import output_uids
 from agent.domain import Manifest
 from agent.encode.seg import build_seg
@@ -19,7 +20,7 @@ from agent.export import dimse
 from agent.inference.models.ct_tissue import DISCLAIMER
 from agent.inference.registry import get_model
 from agent.inference.runner import pick_device, run_model
-from agent.inference.volume import load_volume, read_header
+from agent.inference.volume import load_volume
 from agent.logs import log_context, study_key
 from agent.results import ModelResult, has_result, load_result, save_result
 from agent.settings import Settings

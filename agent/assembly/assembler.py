@@ -23,9 +23,10 @@ from agent.db import (
     Study,
     Superseded,
 )
+from agent.dicom.files import read_header
 from agent.domain import Manifest
 from agent.errors import PermanentError, RetryableError, StudySkipped
-from agent.inference.volume import read_header, select_series
+from agent.inference.volume import select_series
 from agent.logs import log_context
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import clear_partial_writes, unknown_instances

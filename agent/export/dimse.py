@@ -6,11 +6,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from agent.dicom.files import read_header
 from agent.errors import RetryableError
 from agent.settings import DestinationSettings
 
@@ -46,7 +46,7 @@ def echo(destination: DestinationSettings, calling_ae: str) -> None:
 
 def send(destination: DestinationSettings, calling_ae: str, files: Sequence[Path]) -> None:
     """C-STORE every file to the destination, checking each instance's status."""
-    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    headers = [read_header(path) for path in files]
     ae = _ae(calling_ae)
     contexts: dict[str, set[str]] = {}
     for ds in headers:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
+from agent.dicom.files import read_dicom
 from agent.errors import PermanentError, StudySkipped
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ class _Slice:
     orientation: tuple[float, ...]
     pixel_spacing: tuple[float, float]
     shape: tuple[int, int]
-
-
-def read_header(path: Path) -> Dataset:
-    """Read a DICOM file without its pixel data; PermanentError if it cannot be parsed."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types for a damaged file
-        raise PermanentError(f"cannot read {path.name}: {type(exc).__name__}") from exc
 
 
 def _normal(orientation: Sequence[float]) -> np.ndarray:
@@ -266,10 +258,7 @@ def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
 
 def _decode(path: Path) -> tuple[Dataset, np.ndarray]:
     """The header (pixel data removed) and the HU image of one slice."""
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:  # pydicom raises many types for a damaged file
-        raise PermanentError(f"cannot read {path.name}: {type(exc).__name__}") from exc
+    ds = read_dicom(path, pixels=True)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     syntax_name = getattr(syntax, "name", str(syntax))
     try:

@@ -6,9 +6,9 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import pydicom
-
 from agent.db import ArrivedInstance
+from agent.dicom.files import read_header
+from agent.errors import PermanentError
 from agent.spool.layout import SpoolLayout
 
 log = logging.getLogger(__name__)
@@ -29,27 +29,15 @@ def unknown_instances(layout: SpoolLayout, known: set[str]) -> Iterator[ArrivedI
         if str(path) in known:
             continue
         try:
-            ds = pydicom.dcmread(
-                path,
-                stop_before_pixels=True,
-                specific_tags=[
-                    "SOPClassUID",
-                    "SOPInstanceUID",
-                    "StudyInstanceUID",
-                    "SeriesInstanceUID",
-                ],
-            )
-            arrived = ArrivedInstance(
-                study_uid=str(ds.StudyInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                path=path,
-                received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
-            )
-        except Exception as exc:  # a file we wrote cannot be read: keep it, report it
-            log.error(
-                "spool file %s is unreadable (%s); left in place", path.name, type(exc).__name__
-            )
+            ds = read_header(path)
+        except PermanentError as exc:  # a file we wrote cannot be read: keep it, report it
+            log.error("spool file left in place: %s", exc)
             continue
-        yield arrived
+        yield ArrivedInstance(
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            path=path,
+            received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+        )

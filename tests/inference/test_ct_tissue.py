@@ -11,11 +11,12 @@ import pytest
 import torch
 from pydicom.uid import UID
 
+from agent.dicom.files import read_header
 from agent.domain import Code
 from agent.inference.models import ct_tissue
 from agent.inference.models.ct_tissue import DISCLAIMER, IDENTITY, SEGMENTS, CtTissueModel
 from agent.inference.runner import run_model
-from agent.inference.volume import Volume, load_volume, read_header, select_series
+from agent.inference.volume import Volume, load_volume, select_series
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import (
     PhantomTruth,

@@ -16,8 +16,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from agent.dicom.files import read_header
 from agent.errors import StudySkipped
-from agent.inference.volume import read_header, select_series
+from agent.inference.volume import select_series
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import write_phantom_series
 

@@ -11,8 +11,9 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from agent.dicom.files import read_header
 from agent.errors import PermanentError
-from agent.inference.volume import load_volume, read_header, rescale, select_series, slice_spacing
+from agent.inference.volume import load_volume, rescale, select_series, slice_spacing
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import phantom_hu, phantom_labels, write_phantom_series
 
