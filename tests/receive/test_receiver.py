@@ -235,3 +235,44 @@ def test_calling_ae_from_wrong_host_is_rejected(restricted: Receiver) -> None:
     )
     assert result.returncode != 0
     assert restricted.spooled() == []
+
+
+def test_concurrent_senders_all_land(receiver: Receiver, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.phantom import write_phantom_series
+
+    series = [
+        list(write_phantom_series(tmp_path / f"s{i}", slices=20, rows=64, cols=64, seed=i).files)
+        for i in range(3)
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(
+            pool.map(
+                lambda files: storescu(files, port=receiver.port, called_aet="PACS_AGENT"), series
+            )
+        )
+    assert all(r.returncode == 0 for r in results)
+    assert len(receiver.spooled()) == 60
+    assert len({a.study_uid for a in receiver.arrivals}) == 3
+
+
+def test_misbehaving_peers_do_not_take_the_listener_down(receiver: Receiver) -> None:
+    import socket
+
+    # Garbage instead of an A-ASSOCIATE-RQ, then a connection dropped mid-PDU.
+    for payload in (b"GET / HTTP/1.0\r\n\r\n", b"\x01\x00\x00\x00\x10\x00\x00\x01"):
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as sock:
+            sock.sendall(payload)
+    # A sender that aborts right after associating.
+    ae = _associate(receiver.port)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    assoc.abort()
+    assert receiver.spooled() == []
+    # The listener still answers.
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assert assoc.send_c_store(_ct()).Status == 0
+    assoc.release()
+    assert len(receiver.spooled()) == 1
