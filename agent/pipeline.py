@@ -16,6 +16,7 @@ from agent.dicom.uids import output_uids
 from agent.domain import Manifest
 from agent.encode.seg import build_seg
 from agent.encode.sr import build_sr
+from agent.errors import RetryableError
 from agent.export import dimse
 from agent.inference.models.ct_tissue import DISCLAIMER
 from agent.inference.registry import get_model
@@ -60,6 +61,9 @@ def results_dir(ctx: PipelineContext, job_id: str) -> Path:
 
 def _device(ctx: PipelineContext, model_name: str) -> torch.device:
     choice = next(m.device for m in ctx.settings.models if m.name == model_name)
+    if choice == "cuda" and not torch.cuda.is_available():
+        # Retryable: the worker may be on the wrong host, or the driver may come back.
+        raise RetryableError(f"model {model_name} is configured for CUDA, which is not available")
     return pick_device() if choice == "auto" else torch.device(choice)
 
 
@@ -161,12 +165,12 @@ def export(ctx: PipelineContext, job_id: str) -> None:
         log.info("study done: %s", outcome)
 
 
-def note_retry(ctx: PipelineContext, job_id: str, reason: str) -> None:
-    """Record (and log) that the export will be tried again, and why."""
+def note_retry(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:
+    """Record (and log) that the job's current step will be tried again, and why."""
     manifest = _manifest(ctx, job_id)
     with log_context(study=study_key(manifest.study_uid), job=job_id):
-        ctx.db.transition(manifest.study_uid, State.EXPORTING, reason, expect_job=job_id)
-        log.warning("export %s", reason)
+        ctx.db.transition(manifest.study_uid, state, reason, expect_job=job_id)
+        log.warning("%s %s", "export" if state == State.EXPORTING else "inference", reason)
 
 
 def end(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:

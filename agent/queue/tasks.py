@@ -12,7 +12,7 @@ from agent import pipeline
 from agent.db import State, Superseded
 from agent.errors import PermanentError, RetryableError, StudySkipped
 from agent.pipeline import PipelineContext
-from agent.settings import Settings
+from agent.settings import QueueSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,29 @@ log = logging.getLogger(__name__)
 def backoff_seconds(retries: int, base: float, cap: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped."""
     return float(min(cap, base * (2**retries)))
+
+
+def _retry_or_fail(
+    task: Task[Any, Any],
+    ctx: PipelineContext,
+    q: QueueSettings,
+    job_id: str,
+    step: State,
+    exc: RetryableError,
+) -> None:
+    """Schedule the task again with backoff, or end the study failed once retries run out."""
+    what = "export" if step == State.EXPORTING else "inference"
+    attempt = task.request.retries + 1
+    if task.request.retries >= q.export_max_retries:
+        pipeline.end(ctx, job_id, State.FAILED, f"{what} gave up after {attempt} attempts: {exc}")
+        return
+    countdown = backoff_seconds(
+        task.request.retries, q.retry_backoff_seconds, q.retry_backoff_max_seconds
+    )
+    pipeline.note_retry(
+        ctx, job_id, step, f"retrying in {countdown:.0f} s (attempt {attempt}): {exc}"
+    )
+    raise task.retry(countdown=countdown) from exc
 
 
 def register_tasks(app: Celery, settings: Settings, context: Callable[[], PipelineContext]) -> None:
@@ -33,19 +56,14 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
         try:
             pipeline.infer(ctx, job_id)
         except Superseded:
-            log.info("job %s superseded by newer instances", job_id)
+            log.info("job %s superseded or already finished", job_id)
             return
         except StudySkipped as skip:
             pipeline.end(ctx, job_id, State.SKIPPED, skip.reason)
             return
         except RetryableError as exc:
-            if self.request.retries >= q.export_max_retries:
-                pipeline.end(ctx, job_id, State.FAILED, f"inference: {exc}")
-                return
-            countdown = backoff_seconds(
-                self.request.retries, q.retry_backoff_seconds, q.retry_backoff_max_seconds
-            )
-            raise self.retry(countdown=countdown) from exc
+            _retry_or_fail(self, ctx, q, job_id, State.INFERRING, exc)
+            return
         except PermanentError as exc:
             pipeline.end(ctx, job_id, State.FAILED, f"inference: {exc}")
             return
@@ -63,21 +81,9 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
         try:
             pipeline.export(ctx, job_id)
         except Superseded:
-            log.info("job %s superseded by newer instances", job_id)
+            log.info("job %s superseded or already finished", job_id)
         except RetryableError as exc:
-            attempt = self.request.retries + 1
-            if self.request.retries >= q.export_max_retries:
-                pipeline.end(
-                    ctx, job_id, State.FAILED, f"export gave up after {attempt} attempts: {exc}"
-                )
-                return
-            countdown = backoff_seconds(
-                self.request.retries, q.retry_backoff_seconds, q.retry_backoff_max_seconds
-            )
-            pipeline.note_retry(
-                ctx, job_id, f"retrying in {countdown:.0f} s (attempt {attempt}): {exc}"
-            )
-            raise self.retry(countdown=countdown) from exc
+            _retry_or_fail(self, ctx, q, job_id, State.EXPORTING, exc)
         except PermanentError as exc:
             pipeline.end(ctx, job_id, State.FAILED, f"export: {exc}")
         except Exception as exc:  # the task boundary

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import torch
 
 from agent.db import Database, State
 from tests.e2e.outputs import fetch_outputs
@@ -66,4 +67,30 @@ def test_pacs_that_stays_down_ends_failed_with_reason(tmp_path: Path) -> None:
         assert failed.state == State.FAILED
         assert failed.reason.startswith("export gave up after 3 attempts")
         agent.assert_running()  # the service carries on
+    db.dispose()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_model_configured_for_missing_cuda_fails_with_reason(tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=12, rows=64, cols=64)
+    port = free_port()
+    config = write_config(
+        tmp_path / "agent",
+        port=port,
+        max_retries=1,
+        extra='[[models]]\nname = "ct-tissue"\ndevice = "cuda"\n',
+    )
+    db = Database(f"sqlite:///{tmp_path / 'agent' / 'pacs-agent.db'}")
+    with AgentProcess(config, "serve") as agent:
+        agent.wait_listening(port)
+        storescu(list(truth.files), port=port, called_aet="PACS_AGENT")
+        failed = wait_for_study(
+            db, truth.study_uid, {State.DONE, State.FAILED}, 120, agent.log_tail
+        )
+        assert failed.state == State.FAILED
+        assert failed.reason == (
+            "inference gave up after 2 attempts: "
+            "model ct-tissue is configured for CUDA, which is not available"
+        )
+        agent.wait_log("inference retrying in")
     db.dispose()
