@@ -37,9 +37,10 @@ from bench.ct_series import write_ct_series
 from tests.support.agent import AgentProcess, write_config
 from tests.support.dcmtk import StoreSCP, dcmtk_tool, storescu
 from tests.support.orthanc import Orthanc
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ports import LOOPBACK, free_port, wait_until_listening
 
-TARGETS = ("storescp", "orthanc", "pacs-agent")
+# "pynetdicom" is a reference, not a peer: pynetdicom acknowledging without storing anything.
+TARGETS = ("storescp", "orthanc", "pacs-agent", "pynetdicom")
 AGENT_AET = "PACS_AGENT"
 CALLING_AET = "BENCH_SCU"
 STORESCU_TIMEOUT_S = 300.0
@@ -368,6 +369,15 @@ def run_benchmark(args: argparse.Namespace) -> Report:
             quiet_seconds=args.quiet,
             destinations=[(orthanc.aet, LOOPBACK, orthanc.dicom_port)],
         )
+        bare_port = free_port()
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare_scp", str(bare_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(bare.wait, 10)
+        stack.callback(bare.terminate)
+        wait_until_listening(bare_port, timeout=60, pid=bare.pid)
         agent = stack.enter_context(AgentProcess(config, "serve"))
         agent.wait_listening(agent_port)
         assert agent.process is not None
@@ -386,6 +396,10 @@ def run_benchmark(args: argparse.Namespace) -> Report:
                     received = len(scp.files())
                     for path in scp.files():  # keep the folder to this run's files only
                         path.unlink()
+                elif target == "pynetdicom":
+                    seconds, error = timed_send(series, bare_port, AGENT_AET)
+                    # It keeps nothing: storescu's success for every instance is the count.
+                    received = 0 if error else len(series.files)
                 elif target == "orthanc":
                     seconds, error = timed_send(series, orthanc.dicom_port, orthanc.aet)
                     received = len(orthanc.instances_of_series(series.series_uid))
@@ -485,6 +499,8 @@ def render(report: Report) -> str:
         f"  pacs-agent / Orthanc  = {fmt_ratio(agent_orthanc)}  "
         f"(target <  {MAX_AGENT_OVER_ORTHANC:.1f}: "
         f"{verdict(agent_orthanc, MAX_AGENT_OVER_ORTHANC, False)})",
+        f"  pynetdicom / storescp = {fmt_ratio(report.ratio('pynetdicom', 'storescp'))}  "
+        "(reference: pynetdicom acknowledging without storing, the floor under pacs-agent)",
         "  durability: pacs-agent fsyncs every instance (file + folder) before acknowledging;",
         "  storescp does not fsync; Orthanc "
         + (

@@ -10,13 +10,12 @@ from io import BytesIO
 from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from agent.db import ArrivedInstance
 from agent.logs import log_context, study_key
+from agent.receive.filemeta import encode_file_meta
 from agent.receive.identify import Unreadable, identify
 from agent.settings import AllowedCaller
 from agent.spool.layout import SpoolLayout, is_valid_uid
@@ -89,12 +88,15 @@ class StoreHandler:
             return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request")
 
         path = self._layout.instance_path(ids.study_uid, ids.series_uid, ids.sop_uid)
-        header = DicomBytesIO()
-        header.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(header, event.file_meta, enforce_standard=True)
+        header = encode_file_meta(
+            ids.sop_class_uid,
+            ids.sop_uid,
+            str(event.context.transfer_syntax),
+            str(event.assoc.requestor.ae_title),
+        )
         with log_context(study=study_key(ids.study_uid)):
             try:
-                write_atomic(path, (header.getvalue(), raw), self._layout.tmp)
+                write_atomic(path, (header, raw), self._layout.tmp)
             except OSError as exc:
                 log.error("spool write failed: %s", exc.strerror)
                 return _status(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")

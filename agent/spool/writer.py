@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterable
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -32,26 +31,34 @@ def ensure_dir(folder: Path) -> None:
         _fsync_dir(path.parent)
 
 
-def write_atomic(target: Path, chunks: Iterable[bytes], tmp_dir: Path) -> int:
+def write_atomic(target: Path, chunks: Sequence[bytes], tmp_dir: Path) -> int:
     """Write `chunks` to `target` so that after return the bytes survive a power cut.
 
     The file appears under its final name only complete: a crash leaves at most a stray temp
     file in `tmp_dir`, which must be on the same filesystem. Returns the number of bytes written.
+    Plain descriptors and one writev: this is on the C-STORE path, before the acknowledgement.
     """
     ensure_dir(target.parent)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-    size = 0
+    tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-                size += len(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
+        size = sum(len(c) for c in chunks)
+        written = os.writev(fd, chunks)
+        if written != size:  # short write (disk full mid-way, signals): finish it plainly
+            data = b"".join(chunks)[written:]
+            while data:
+                data = data[os.write(fd, data) :]
+        # fdatasync: the data and the file's size, without the timestamps nobody needs.
+        os.fdatasync(fd)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
     return size
