@@ -18,6 +18,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -199,17 +200,23 @@ class Database:
                     )
                 }
                 fresh = [a for sop, a in batch.items() if sop not in existing]
-                s.add_all(
-                    Instance(
-                        study_id=study.id,
-                        series_uid=a.series_uid,
-                        sop_uid=a.sop_uid,
-                        sop_class_uid=a.sop_class_uid,
-                        path=str(a.path),
-                        received_at=a.received_at,
+                if fresh:
+                    # A Core executemany, not ORM objects: several times cheaper per row, and
+                    # this CPU is taken from the receiver threads while a sender is sending.
+                    s.execute(
+                        insert(Instance),
+                        [
+                            {
+                                "study_id": study.id,
+                                "series_uid": a.series_uid,
+                                "sop_uid": a.sop_uid,
+                                "sop_class_uid": a.sop_class_uid,
+                                "path": str(a.path),
+                                "received_at": a.received_at,
+                            }
+                            for a in fresh
+                        ],
                     )
-                    for a in fresh
-                )
                 for sop, row in existing.items():
                     row.path = str(batch[sop].path)
                     row.received_at = batch[sop].received_at
