@@ -34,10 +34,11 @@ from sqlalchemy import select
 from agent.db import Database, State, Transition
 from agent.spool.layout import SpoolLayout
 from bench.ct_series import write_ct_series
-from tests.support.agent import AgentProcess, write_config
+from tests.support.agent import AgentProcess, agent_database, write_config
 from tests.support.dcmtk import StoreSCP, dcmtk_tool, storescu
 from tests.support.orthanc import Orthanc
 from tests.support.ports import LOOPBACK, free_port, wait_until_listening
+from tests.support.process import ManagedProcess
 
 # "pynetdicom" is a reference, not a peer: pynetdicom acknowledging without storing anything.
 TARGETS = ("storescp", "orthanc", "pacs-agent", "pynetdicom")
@@ -333,6 +334,18 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+class BareSCP(ManagedProcess):
+    """`bench/bare_scp.py`: pynetdicom acknowledging without storing, as a reference floor."""
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(log_path)
+        self.port = free_port()
+
+    def start(self) -> None:
+        process = self.spawn([sys.executable, "-m", "bench.bare_scp", str(self.port)])
+        wait_until_listening(self.port, timeout=60, pid=process.pid)
+
+
 def run_benchmark(args: argparse.Namespace) -> Report:
     with workdir(args.keep) as root, contextlib.ExitStack() as stack:
         log(f"generating {args.runs * len(TARGETS)} series of {args.slices} slices in {root}")
@@ -369,20 +382,12 @@ def run_benchmark(args: argparse.Namespace) -> Report:
             quiet_seconds=args.quiet,
             destinations=[(orthanc.aet, LOOPBACK, orthanc.dicom_port)],
         )
-        bare_port = free_port()
-        bare = subprocess.Popen(
-            [sys.executable, "-m", "bench.bare_scp", str(bare_port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        stack.callback(bare.wait, 10)
-        stack.callback(bare.terminate)
-        wait_until_listening(bare_port, timeout=60, pid=bare.pid)
+        bare_port = stack.enter_context(BareSCP(root / "bare-scp.log")).port
         agent = stack.enter_context(AgentProcess(config, "serve"))
         agent.wait_listening(agent_port)
         assert agent.process is not None
         agent_pid = agent.process.pid
-        db = Database(f"sqlite:///{root / 'agent' / 'pacs-agent.db'}")
+        db = agent_database(config)
         stack.callback(db.dispose)
         layout = SpoolLayout(root / "agent" / "spool")
 

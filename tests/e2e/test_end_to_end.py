@@ -12,7 +12,7 @@ import pytest
 
 from agent.db import Database, State
 from tests.e2e.outputs import fetch_outputs
-from tests.support.agent import AgentProcess, cli, wait_for_study, write_config
+from tests.support.agent import AgentProcess, agent_database, cli, wait_for_study, write_config
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
 from tests.support.orthanc import Orthanc
@@ -113,7 +113,7 @@ def test_embedded_broker_end_to_end(
         port=port,
         destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
     )
-    db = Database(f"sqlite:///{tmp_path / 'agent' / 'pacs-agent.db'}")
+    db = agent_database(config)
     with AgentProcess(config, "serve") as agent:
         agent.wait_listening(port)
         _run_scenario(agent, db, orthanc, port, phantom, tmp_path)
@@ -171,7 +171,7 @@ def test_restart_before_completion_finishes_once(orthanc: Orthanc, tmp_path: Pat
         quiet_seconds=6,
         destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
     )
-    db = Database(f"sqlite:///{tmp_path / 'agent' / 'pacs-agent.db'}")
+    db = agent_database(config)
     with AgentProcess(config, "serve") as first:
         first.wait_listening(port)
         storescu(study.files, port=port, called_aet="PACS_AGENT")

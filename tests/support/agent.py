@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
 
 from agent.db import Database, State, Study
-from tests.support.ports import free_port, tail, wait_until_listening
+from agent.settings import load_settings
+from tests.support.ports import free_port, wait_until_listening
+from tests.support.process import ManagedProcess
 
 
 def write_config(
@@ -72,35 +71,20 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-class AgentProcess:
+class AgentProcess(ManagedProcess):
     """One `pacs-agent <role>` process; output goes to a log file beside the config."""
 
+    stop_grace = 30.0  # a warm shutdown lets the running task finish
+
     def __init__(self, config: Path, role: str = "serve", *args: str) -> None:
+        super().__init__(config.parent / f"{role}-{time.monotonic_ns()}.log")
         self.config = config
         self.role = role
         self.args = args
-        self.log_path = config.parent / f"{role}-{time.monotonic_ns()}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
-    def __enter__(self) -> Self:
-        self._log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                self.role,
-                "--config",
-                str(self.config),
-                *self.args,
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        return self
+    def start(self) -> None:
+        command = [sys.executable, "-m", "agent.cli", self.role, "--config", str(self.config)]
+        self.spawn([*command, *self.args], env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def wait_listening(self, port: int, timeout: float = 60) -> None:
         assert self.process is not None
@@ -113,17 +97,15 @@ class AgentProcess:
                 return
             self.assert_running()
             time.sleep(0.1)
-        raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log_tail()}")
+        raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log_tail(60)}")
 
     def assert_running(self) -> None:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(
-                f"pacs-agent {self.role} exited with {self.process.returncode}:\n{self.log_tail()}"
+                f"pacs-agent {self.role} exited with {self.process.returncode}:\n"
+                f"{self.log_tail(60)}"
             )
-
-    def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log_path, lines)
 
     def kill(self) -> None:
         """Simulate a crash: SIGKILL, no chance to clean up."""
@@ -131,27 +113,10 @@ class AgentProcess:
         self.process.kill()
         self.process.wait(10)
 
-    def stop(self, timeout: float = 30) -> int:
-        code = 0
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                code = self.process.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+def agent_database(config: Path) -> Database:
+    """The database the agent with this config uses (by the agent's own default rule)."""
+    return Database(load_settings(config).database_url)
 
 
 def wait_for_study(
@@ -173,4 +138,11 @@ def wait_for_study(
     raise AssertionError(f"study still {state} after {timeout} s\n{on_timeout()}")
 
 
-__all__ = ["AgentProcess", "cli", "free_port", "wait_for_study", "write_config"]
+__all__ = [
+    "AgentProcess",
+    "agent_database",
+    "cli",
+    "free_port",
+    "wait_for_study",
+    "write_config",
+]

@@ -13,8 +13,6 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
 
 from pydicom.filereader import read_file_meta_info
 
@@ -23,10 +21,9 @@ from tests.support.ports import (
     free_port,
     loopback_env,
     require_loopback,
-    tail,
-    terminate,
     wait_until_listening,
 )
+from tests.support.process import ManagedProcess
 
 DCMTK_DIR = Path("/usr/bin")
 
@@ -188,7 +185,7 @@ def echoscu(
     )
 
 
-class StoreSCP:
+class StoreSCP(ManagedProcess):
     """DCMTK storescp on a free loopback port, writing every received object into `folder`.
 
     Accepts all transfer syntaxes it knows (`+xa`), so compressed objects are stored unchanged.
@@ -206,68 +203,38 @@ class StoreSCP:
         startup_timeout: float = 30,
     ) -> None:
         self.folder = Path(folder)
+        super().__init__(log_path or self.folder.with_name(f"{self.folder.name}-storescp.log"))
         self.aet = aet
         self.host = LOOPBACK
         self.port = free_port() if port is None else port
-        self.log_path = log_path or self.folder.with_name(f"{self.folder.name}-storescp.log")
         self._extra_args = tuple(extra_args)
         self._startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(dcmtk_tool("storescp")),
-            "--accept-all",
-            "--output-directory",
-            str(self.folder),
-            "--aetitle",
-            self.aet,
-            "--max-pdu",
-            "131072",
-            *self._extra_args,
-            str(self.port),
-        ]
-        self._log = self.log_path.open("wb")
-        try:
-            self._process = subprocess.Popen(
-                command, env=loopback_env(), stdout=self._log, stderr=subprocess.STDOUT
-            )
-            process = self._process
-            wait_until_listening(
-                self.port,
-                timeout=self._startup_timeout,
-                pid=process.pid,
-                alive=lambda: process.poll() is None,
-                describe=self.log_tail,
-            )
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop storescp (SIGTERM, then SIGKILL after 10 s) and close its log."""
-        if self._process is not None:
-            terminate(self._process, grace=10)
-            self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        process = self.spawn(
+            [
+                str(dcmtk_tool("storescp")),
+                "--accept-all",
+                "--output-directory",
+                str(self.folder),
+                "--aetitle",
+                self.aet,
+                "--max-pdu",
+                "131072",
+                *self._extra_args,
+                str(self.port),
+            ],
+            env=loopback_env(),
+        )
+        wait_until_listening(
+            self.port,
+            timeout=self._startup_timeout,
+            pid=process.pid,
+            alive=lambda: process.poll() is None,
+            describe=self.log_tail,
+        )
 
     def files(self) -> list[Path]:
         """The files received so far, sorted by name."""
         return sorted(p for p in self.folder.iterdir() if p.is_file())
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last `lines` lines of the storescp log."""
-        return tail(self.log_path, lines)

@@ -16,18 +16,17 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any
 
 from tests.support.ports import (
     LOOPBACK,
     free_port,
     loopback_env,
     require_loopback,
-    tail,
     terminate,
     wait_until_listening,
 )
+from tests.support.process import ManagedProcess
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN_ENV = "ORTHANC_DICOMWEB_PLUGIN"
@@ -51,7 +50,7 @@ def find_dicomweb_plugin() -> Path | None:
     return versioned[-1] if versioned else None
 
 
-class Orthanc:
+class Orthanc(ManagedProcess):
     """Orthanc with a generated configuration in a temporary (or given) work directory.
 
     `modalities` maps a name to (AET, host, port) of DICOM peers Orthanc may send to; hosts must
@@ -84,9 +83,7 @@ class Orthanc:
         self.dicomweb_plugin = find_dicomweb_plugin()
         self._extra_config = dict(extra_config or {})
         self._startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self.log_path = Path()
+        super().__init__(Path())
         self.config_path = Path()
 
     @property
@@ -131,7 +128,7 @@ class Orthanc:
         config.update(self._extra_config)
         return config
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         if not ORTHANC_BINARY.is_file():
             raise FileNotFoundError(
                 f"{ORTHANC_BINARY} not found (install the Debian packages 'orthanc' and "
@@ -146,32 +143,14 @@ class Orthanc:
         self.config_path = self.workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         self.log_path = self.workdir / "orthanc.log"
-        self._log = self.log_path.open("wb")
-        try:
-            self._process = subprocess.Popen(
-                [str(ORTHANC_BINARY), str(self.config_path)],
-                cwd=self.workdir,
-                env=loopback_env(),
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-            )
-            self._wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self.spawn(
+            [str(ORTHANC_BINARY), str(self.config_path)], cwd=self.workdir, env=loopback_env()
+        )
+        self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:
         """Wait until GET /system answers and both ports listen on loopback only."""
-        process = self._process
+        process = self.process
         assert process is not None
         deadline = time.monotonic() + self._startup_timeout
         while True:
@@ -200,30 +179,24 @@ class Orthanc:
                 describe=self.log_tail,
             )
 
-    def stop(self) -> None:
-        """Stop Orthanc, close its log and remove a temporary workdir.
-
-        Orthanc takes about 3.5 s to stop cleanly on SIGTERM (its HTTP and DICOM servers poll),
+    def halt(self, process: subprocess.Popen[bytes]) -> None:
+        """Orthanc takes about 3.5 s to stop cleanly on SIGTERM (its HTTP and DICOM servers poll),
         so when its workdir is temporary and about to be deleted it is killed at once; a given
         workdir gets the clean SIGTERM (SIGKILL after 15 s) so its index stays consistent.
         """
-        if self._process is not None:
-            if self._tempdir is not None:
-                self._process.kill()
-                self._process.wait()
-            else:
-                terminate(self._process, grace=15)
-            self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._tempdir is not None:
+            process.kill()
+            process.wait()
+        else:
+            terminate(process, grace=15)
+
+    def stop(self) -> int | None:
+        """Stop Orthanc, close its log and remove a temporary workdir."""
+        code = super().stop()
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last `lines` lines of Orthanc's log."""
-        return tail(self.log_path, lines)
+        return code
 
     # -- REST ---------------------------------------------------------------------------------
 
