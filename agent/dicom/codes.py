@@ -37,6 +37,8 @@ HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 # CID 7150 "Segmentation Property Category": segments of this category are organs or body
 # parts, so their property type also names where the finding is (TID 1411 Finding Site).
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
+# CID 7150 category for tissue classes that are not one organ (fat, muscle, soft tissue).
+TISSUE = Code("85756007", "SCT", "Tissue")
 # The same category as older PS3.16 editions and tools (dcmqi, TotalSegmentator) code it.
 LEGACY_ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 

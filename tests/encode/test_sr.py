@@ -226,6 +226,13 @@ def test_sr_passes_dciodvfy(built: Built) -> None:
     assert_dciodvfy_clean(built.path)
 
 
+def _sr_for(built: Built, measured: list[Measurement]) -> hd.sr.Comprehensive3DSR:
+    """An SR over `built`'s SEG with other measurements."""
+    return build_sr(
+        built.headers, built.seg, SEGMENTS, measured, built.model, built.uids, disclaimer=DISCLAIMER
+    )
+
+
 def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
     # DS holds 16 characters; highdicom adds the exact FD value when DS would round.
     measured = [
@@ -233,15 +240,7 @@ def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
         Measurement(2, 123456.123456789, 1e-9, 1),
         Measurement(3, 0.0, float("nan"), 0),
     ]
-    sr = build_sr(
-        synthetic.headers,
-        synthetic.seg,
-        SEGMENTS,
-        measured,
-        synthetic.model,
-        synthetic.uids,
-        disclaimer=DISCLAIMER,
-    )
+    sr = _sr_for(synthetic, measured)
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     groups = _report(hd.sr.srread(tmp_path / "sr.dcm")).get_volumetric_roi_measurement_groups()
     for m, group in zip(measured, groups, strict=True):
@@ -268,13 +267,5 @@ def test_build_sr_rejects_inconsistent_measurements(
     synthetic: Built, measured: list[Measurement]
 ) -> None:
     with pytest.raises(PermanentError) as error:
-        build_sr(
-            synthetic.headers,
-            synthetic.seg,
-            SEGMENTS,
-            measured,
-            synthetic.model,
-            synthetic.uids,
-            disclaimer=DISCLAIMER,
-        )
+        _sr_for(synthetic, measured)
     assert synthetic.headers[0].PatientID not in str(error.value)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from agent.dicom.codes import ANATOMICAL_STRUCTURE, TISSUE
 from agent.domain import Code, ModelIdentity, SegmentSpec
 from agent.inference.volume import Volume
 
@@ -33,21 +34,29 @@ IDENTITY = ModelIdentity(
 )
 
 # PS3.16 CID 7150 "Segmentation Property Category" and CID 7151 "Segmentation Property Type".
-_ANATOMY = Code("91723000", "SCT", "Anatomical Structure")
-_TISSUE = Code("85756007", "SCT", "Tissue")
 SEGMENTS = (
-    SegmentSpec(1, "Body", _ANATOMY, Code("38266002", "SCT", "Entire body"), "ct-tissue body"),
-    SegmentSpec(2, "Lungs", _ANATOMY, Code("39607008", "SCT", "Lung"), "ct-tissue lungs"),
-    SegmentSpec(3, "Bone", _ANATOMY, Code("272673000", "SCT", "Bone structure"), "ct-tissue bone"),
+    SegmentSpec(
+        1, "Body", ANATOMICAL_STRUCTURE, Code("38266002", "SCT", "Entire body"), "ct-tissue body"
+    ),
+    SegmentSpec(
+        2, "Lungs", ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), "ct-tissue lungs"
+    ),
+    SegmentSpec(
+        3,
+        "Bone",
+        ANATOMICAL_STRUCTURE,
+        Code("272673000", "SCT", "Bone structure"),
+        "ct-tissue bone",
+    ),
     SegmentSpec(
         4,
         "Adipose tissue",
-        _TISSUE,
+        TISSUE,
         Code("55603005", "SCT", "Adipose tissue"),
         "ct-tissue adipose tissue",
     ),
     SegmentSpec(
-        5, "Soft tissue", _TISSUE, Code("87784001", "SCT", "Soft tissue"), "ct-tissue soft tissue"
+        5, "Soft tissue", TISSUE, Code("87784001", "SCT", "Soft tissue"), "ct-tissue soft tissue"
     ),
 )
 
