@@ -158,33 +158,6 @@ def storescu(
     return result
 
 
-def echoscu(
-    *,
-    port: int,
-    called_aet: str,
-    calling_aet: str = "ECHOSCU",
-    host: str = LOOPBACK,
-    timeout: float = 30,
-) -> subprocess.CompletedProcess[str]:
-    """Send one C-ECHO with DCMTK echoscu; the caller checks `returncode`."""
-    require_loopback(host)
-    seconds = str(max(1, round(timeout)))
-    command = [
-        str(dcmtk_tool("echoscu")),
-        "--aetitle",
-        calling_aet,
-        "--call",
-        called_aet,
-        "--timeout",
-        seconds,
-        host,
-        str(port),
-    ]
-    return subprocess.run(
-        command, env=loopback_env(), capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
 class StoreSCP(ManagedProcess):
     """DCMTK storescp on a free loopback port, writing every received object into `folder`.
 
