@@ -1,4 +1,4 @@
-"""DCMTK command-line peers for tests: storescu/echoscu as SCUs and storescp as a receiving SCP.
+"""DCMTK command-line peers for tests: storescu as the SCU and storescp as a receiving SCP.
 
 The DCMTK binaries are used from /usr/bin explicitly: `storescu` on PATH may be pynetdicom's
 Python app of the same name. Every tool runs with TCP_NODELAY=1 (DCMTK otherwise waits about 40 ms
