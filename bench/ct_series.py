@@ -10,20 +10,16 @@ with two lungs and a vertebra whose sizes vary along the series, plus mild deter
 from __future__ import annotations
 
 import argparse
-import datetime
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.support.phantom import ct_file_meta, ct_slice_header
 
 RESCALE_INTERCEPT = -1024
 PIXEL_SPACING_MM = 0.75
@@ -31,56 +27,16 @@ SLICE_THICKNESS_MM = 1.0
 
 
 def _template(rows: int, cols: int, study_uid: str, series_uid: str) -> Dataset:
-    """The dataset shared by all slices; per-slice attributes are set later."""
-    now = datetime.datetime.now()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AccessionNumber = "BENCH0001"
-    ds.Modality = "CT"
-    ds.Manufacturer = "pacs-agent bench"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic CT benchmark"
-    ds.SeriesDescription = "Synthetic axial series"
+    """The dataset shared by all slices (the tests' CT header); per-slice attributes come later."""
+    ds = ct_slice_header(study_uid, series_uid, generate_uid(), "", series_number=1)
+    ds.file_meta = ct_file_meta("1.2", ExplicitVRLittleEndian)
     ds.PatientName = "BENCH^SYNTHETIC"
     ds.PatientID = "BENCH-CT"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = SLICE_THICKNESS_MM
-    ds.KVP = 120
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = rows
     ds.Columns = cols
     ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.WindowCenter = 40
-    ds.WindowWidth = 400
-    ds.RescaleIntercept = RESCALE_INTERCEPT
-    ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
+    ds.SliceThickness = SLICE_THICKNESS_MM
+    ds.PixelRepresentation = 1  # signed: noise can take air below stored value 0
     return ds
 
 

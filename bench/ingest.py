@@ -506,7 +506,7 @@ def render(report: Report) -> str:
         f"{verdict(agent_orthanc, MAX_AGENT_OVER_ORTHANC, False)})",
         f"  pynetdicom / storescp = {fmt_ratio(report.ratio('pynetdicom', 'storescp'))}  "
         "(reference: pynetdicom acknowledging without storing, the floor under pacs-agent)",
-        "  durability: pacs-agent fsyncs every instance (file + folder) before acknowledging;",
+        "  durability: pacs-agent fdatasyncs each file and fsyncs its folder before acknowledging;",
         "  storescp does not fsync; Orthanc "
         + (
             "fsyncs each stored file (SyncStorageArea=true, its default)."

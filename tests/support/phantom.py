@@ -134,7 +134,7 @@ def write_phantom_series(
     files: list[Path] = []
     for index in range(slices):
         sop_uid = _uid("phantom instance", series_uid, index)
-        ds = _slice_dataset(study_uid, series_uid, frame_uid, sop_uid, series_number)
+        ds = ct_slice_header(study_uid, series_uid, frame_uid, sop_uid, series_number)
         ds.InstanceNumber = index + 1
         z = z0 + index * slice_spacing
         ds.ImagePositionPatient = [_ds(x0), _ds(y0), _ds(z)]
@@ -144,10 +144,10 @@ def write_phantom_series(
         ds.Rows, ds.Columns = rows, cols
         ds.PixelData = stored[index].tobytes()
         if transfer_syntax.is_compressed:
-            ds.file_meta = _file_meta(sop_uid, ExplicitVRLittleEndian)
+            ds.file_meta = ct_file_meta(sop_uid, ExplicitVRLittleEndian)
             ds.compress(transfer_syntax)
         else:
-            ds.file_meta = _file_meta(sop_uid, transfer_syntax)
+            ds.file_meta = ct_file_meta(sop_uid, transfer_syntax)
         if shuffle_names:
             name = hashlib.sha256(sop_uid.encode()).hexdigest()[:16]
         else:
@@ -166,7 +166,7 @@ def write_phantom_series(
     )
 
 
-def _file_meta(sop_uid: str, transfer_syntax: UID) -> FileMetaDataset:
+def ct_file_meta(sop_uid: str, transfer_syntax: UID) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -174,7 +174,7 @@ def _file_meta(sop_uid: str, transfer_syntax: UID) -> FileMetaDataset:
     return meta
 
 
-def _slice_dataset(
+def ct_slice_header(
     study_uid: str, series_uid: str, frame_uid: str, sop_uid: str, series_number: int
 ) -> Dataset:
     """Everything of one slice but its position and pixels."""
