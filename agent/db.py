@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,8 +21,10 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from agent.errors import PermanentError
@@ -63,6 +66,10 @@ def allowed(current: State, target: State) -> bool:
     if target in (State.SKIPPED, State.FAILED):
         return current not in TERMINAL
     return target in _FORWARD.get(current, frozenset())
+
+
+# Any fixed 64-bit number; it names "pacs-agent schema creation" among advisory locks.
+_SCHEMA_LOCK_KEY = 0x7061637361676E74
 
 
 class InvalidTransition(PermanentError):
@@ -168,7 +175,25 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create missing tables; safe when serve and workers start at the same moment.
+
+        PostgreSQL serialises the creators with a transaction-scoped advisory lock. SQLite has
+        no such lock, so a creator that loses the race (its check said "missing", the other's
+        CREATE came first) simply checks again.
+        """
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                        )
+                    Base.metadata.create_all(conn)
+                return
+            except (OperationalError, ProgrammingError, IntegrityError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def session(self) -> Session:
         return self._sessions()

@@ -125,3 +125,18 @@ def test_expect_state_guards_duplicate_deliveries(db: Database) -> None:
     db.transition(STUDY, State.EXPORTING, expect_job="job-1")
     with pytest.raises(InvalidTransition):
         db.transition(STUDY, State.INFERRING, expect_job="job-1", expect_state=[State.QUEUED])
+
+
+def test_schema_creation_is_safe_when_processes_start_together(database_url: str) -> None:
+    # serve and every worker create the schema at start; on a fresh database they race.
+    from concurrent.futures import ThreadPoolExecutor
+
+    databases = [Database(database_url) for _ in range(6)]
+    try:
+        with ThreadPoolExecutor(len(databases)) as pool:
+            list(pool.map(lambda d: d.create_schema(), databases))
+        databases[0].record_arrivals([_arrival("1.1")])
+        assert databases[-1].get(STUDY) is not None
+    finally:
+        for d in databases:
+            d.dispose()
