@@ -387,8 +387,7 @@ def run_benchmark(args: argparse.Namespace) -> Report:
         agent.wait_listening(agent_port)
         assert agent.process is not None
         agent_pid = agent.process.pid
-        db = agent_database(config)
-        stack.callback(db.dispose)
+        db = stack.enter_context(agent_database(config))
         layout = SpoolLayout(root / "agent" / "spool")
 
         def agent_alive() -> bool:

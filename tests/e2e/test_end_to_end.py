@@ -113,12 +113,10 @@ def test_embedded_broker_end_to_end(
         port=port,
         destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
     )
-    db = agent_database(config)
-    with AgentProcess(config, "serve") as agent:
+    with agent_database(config) as db, AgentProcess(config, "serve") as agent:
         agent.wait_listening(port)
         _run_scenario(agent, db, orthanc, port, phantom, tmp_path)
         assert agent.stop() == 0
-    db.dispose()
 
 
 def test_redis_broker_with_separate_workers(
@@ -142,23 +140,23 @@ def test_redis_broker_with_separate_workers(
         database_url=postgres_url,
         destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
     )
-    db = Database(postgres_url)
     # Inference and export run in separate worker processes, as on a GPU host and an IO host.
     with (
+        agent_database(config) as db,
         AgentProcess(config, "worker", "--queue", "gpu") as gpu,
         AgentProcess(config, "worker", "--queue", "io") as io,
         AgentProcess(config, "serve") as agent,
     ):
         agent.wait_listening(port)
-        gpu.wait_log("ready")
-        io.wait_log("ready")
+        # Celery's own line, e.g. "worker-gpu-1a2b3c@host ready." ("already" must not match).
+        gpu.wait_log(" ready.")
+        io.wait_log(" ready.")
         _run_scenario(agent, db, orthanc, port, phantom, tmp_path)
         for process in (agent, gpu, io):
             process.assert_running()
     gpu_log, io_log = gpu.log_path.read_text(), io.log_path.read_text()
     assert "model ct-tissue" in gpu_log and "sent 2 objects" not in gpu_log
     assert "sent 2 objects" in io_log
-    db.dispose()
 
 
 def test_restart_before_completion_finishes_once(orthanc: Orthanc, tmp_path: Path) -> None:
@@ -171,23 +169,22 @@ def test_restart_before_completion_finishes_once(orthanc: Orthanc, tmp_path: Pat
         quiet_seconds=6,
         destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
     )
-    db = agent_database(config)
-    with AgentProcess(config, "serve") as first:
-        first.wait_listening(port)
-        storescu(study.files, port=port, called_aet="PACS_AGENT")
-        # Every instance is acknowledged; the study is not complete yet. Crash hard.
-        first.kill()
-    row = db.get(study.study_uid)
-    assert row is None or row.state == State.RECEIVING
-    assert orthanc.find_study(study.study_uid) is None
+    with agent_database(config) as db:
+        with AgentProcess(config, "serve") as first:
+            first.wait_listening(port)
+            storescu(study.files, port=port, called_aet="PACS_AGENT")
+            # Every instance is acknowledged; the study is not complete yet. Crash hard.
+            first.kill()
+        row = db.get(study.study_uid)
+        assert row is None or row.state == State.RECEIVING
+        assert orthanc.find_study(study.study_uid) is None
 
-    with AgentProcess(config, "serve") as second:
-        second.wait_listening(port)
-        done = wait_for_study(
-            db, study.study_uid, {State.DONE, State.FAILED}, DEADLINE, second.log_tail
-        )
-        assert done.state == State.DONE, done.reason
-        assert done.instance_count == len(study.files)
-        time.sleep(2)  # anything sent twice would have arrived by now
+        with AgentProcess(config, "serve") as second:
+            second.wait_listening(port)
+            done = wait_for_study(
+                db, study.study_uid, {State.DONE, State.FAILED}, DEADLINE, second.log_tail
+            )
+            assert done.state == State.DONE, done.reason
+            assert done.instance_count == len(study.files)
+            time.sleep(2)  # anything sent twice would have arrived by now
     _check_phantom(orthanc, truth, tmp_path / "out")
-    db.dispose()

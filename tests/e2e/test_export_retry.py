@@ -39,14 +39,10 @@ def agent_with_study(tmp_path: Path, size: int = 96, **config: Any) -> Iterator[
     truth = write_phantom_series(tmp_path / "ct", slices=24, rows=size, cols=size)
     port = free_port()
     config_path = write_config(tmp_path / "agent", port=port, **config)
-    db = agent_database(config_path)
-    try:
-        with AgentProcess(config_path, "serve") as agent:
-            agent.wait_listening(port)
-            storescu(list(truth.files), port=port, called_aet="PACS_AGENT")
-            yield Sent(agent, db, truth)
-    finally:
-        db.dispose()
+    with agent_database(config_path) as db, AgentProcess(config_path, "serve") as agent:
+        agent.wait_listening(port)
+        storescu(list(truth.files), port=port, called_aet="PACS_AGENT")
+        yield Sent(agent, db, truth)
 
 
 def test_pacs_down_then_up_is_retried_until_done(tmp_path: Path) -> None:

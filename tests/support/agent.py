@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.db import Database, State, Study
@@ -93,9 +94,10 @@ class AgentProcess(ManagedProcess):
     def wait_log(self, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log_path.read_text(errors="replace"):
+            found = text in self.log_path.read_text(errors="replace")
+            self.assert_running()  # a process that logged the text and then died is no success
+            if found:
                 return
-            self.assert_running()
             time.sleep(0.1)
         raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log_tail(60)}")
 
@@ -114,9 +116,14 @@ class AgentProcess(ManagedProcess):
         self.process.wait(10)
 
 
-def agent_database(config: Path) -> Database:
+@contextlib.contextmanager
+def agent_database(config: Path) -> Iterator[Database]:
     """The database the agent with this config uses (by the agent's own default rule)."""
-    return Database(load_settings(config).database_url)
+    db = Database(load_settings(config).database_url)
+    try:
+        yield db
+    finally:
+        db.dispose()
 
 
 def wait_for_study(
