@@ -7,7 +7,12 @@ from typing import Any, cast
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    register_uid,
+    uid_to_service_class,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.receive.handlers import (
@@ -59,7 +64,21 @@ def build_ae(settings: ReceiverSettings) -> AE:
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
+    for sop_class in settings.private_sop_classes:
+        _register_private_storage(sop_class)
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
+
+
+def _register_private_storage(sop_class: str) -> None:
+    """Make pynetdicom route C-STORE of a vendor's private SOP class to the storage service.
+
+    pynetdicom dispatches a C-STORE by the SOP class's service, and knows only the standard
+    classes; registration is per process and idempotent.
+    """
+    if uid_to_service_class(sop_class) is StorageServiceClass:
+        return
+    register_uid(sop_class, "PrivateStorage_" + sop_class.replace(".", "_"), StorageServiceClass)
 
 
 def start_receiver(

@@ -21,6 +21,7 @@ from agent.settings import AllowedCaller, ReceiverSettings
 from agent.spool.layout import SpoolLayout
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
+from tests.support.foreign import FOREIGN_WRITERS, PRIVATE_SOP_CLASS
 
 
 class Receiver:
@@ -276,3 +277,34 @@ def test_misbehaving_peers_do_not_take_the_listener_down(receiver: Receiver) -> 
     assert assoc.send_c_store(_ct()).Status == 0
     assoc.release()
     assert len(receiver.spooled()) == 1
+
+
+def test_foreign_and_private_objects_are_stored(receiver: Receiver, tmp_path: Path) -> None:
+    """SR, PDF, presentation state, KOS, RT and a vendor's private SOP class all land."""
+    study_uid = str(generate_uid())
+    files = [write(tmp_path / "foreign", study_uid) for write in FOREIGN_WRITERS]
+    ae = AE(ae_title="TESTSCU")
+    for path in files:
+        ae.add_requested_context(pydicom.dcmread(path).SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * len(files)
+    assert len(receiver.spooled()) == len(files)
+    assert PRIVATE_SOP_CLASS in {a.sop_class_uid for a in receiver.arrivals}
+
+
+def test_unlisted_private_sop_class_is_refused_at_association(tmp_path: Path) -> None:
+    for receiver in _start(tmp_path, private_sop_classes=()):
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context("1.3.12.2.1107.5.9.1", ExplicitVRLittleEndian)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+        # Accepted as an association (nothing to reject it for) but with no usable context.
+        if assoc.is_established:
+            assert not assoc.accepted_contexts
+            assoc.release()
