@@ -15,6 +15,8 @@ AeTitle = Annotated[
     str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# PS3.5 9.1: dot-separated numeric components without leading zeros, at most 64 characters.
+UidStr = Annotated[str, Field(max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")]
 
 
 class _Section(BaseModel):
@@ -36,6 +38,9 @@ class ReceiverSettings(_Section):
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
     # Seconds of network silence after which an association is dropped (PS3.8 9.1.5 ARTIM/idle).
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Vendors' private storage SOP classes to accept as well (every standard one is accepted);
+    # they are stored and listed, never processed. Default: Siemens CSA Non-Image Storage.
+    private_sop_classes: tuple[UidStr, ...] = ("1.3.12.2.1107.5.9.1",)
 
 
 class SpoolSettings(_Section):
@@ -74,9 +79,42 @@ class DatabaseSettings(_Section):
     url: str = ""
 
 
+Pattern = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class SelectRules(_Section):
+    """Which series of a study a model takes (all must hold); see `pacs-agent rules test`.
+
+    Patterns are shell-style globs (`*`, `?`, `[...]`), matched case-insensitively against the
+    whole value; ImageType is matched as its values joined by backslashes, as DICOM writes it
+    (e.g. `ORIGINAL\\PRIMARY\\AXIAL`). An empty include list means "anything".
+    """
+
+    modalities: tuple[str, ...] = ("CT",)
+    body_parts: tuple[Pattern, ...] = ()
+    series_description_include: tuple[Pattern, ...] = ()
+    series_description_exclude: tuple[Pattern, ...] = ()
+    image_type_include: tuple[Pattern, ...] = ()
+    image_type_exclude: tuple[Pattern, ...] = ("*LOCALIZER*",)
+    min_slices: Annotated[int, Field(ge=2)] = 3
+    # Compared with SliceThickness (median over the stack) when the images state it.
+    max_slice_thickness_mm: Annotated[float, Field(gt=0)] | None = None
+    orientation: Literal["axial", "coronal", "sagittal", "oblique", "any"] = "axial"
+    # "with": ContrastBolusAgent (or its sequence) is present and not empty; "without": it is not.
+    contrast: Literal["any", "with", "without"] = "any"
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one modality is needed")
+        return tuple(v.upper() for v in value)
+
+
 class ModelSettings(_Section):
     name: str = "ct-tissue"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    select: SelectRules = SelectRules()
 
 
 class DestinationSettings(_Section):
