@@ -50,6 +50,12 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     uid.HTJ2K,
     uid.JPEGBaseline8Bit,
     uid.JPEGExtended12Bit,
+    # JPEG XL (PS3.5 A.4.13), which nothing on PyPI decodes yet: accepted last, only from a
+    # sender that offers nothing else, so that such an instance is stored and its study ends
+    # "skipped: no decoder for JPEG XL ..." rather than being refused and lost from view.
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
+    "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression
+    "1.2.840.10008.1.2.4.112",  # JPEG XL
 )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE, Association, _config
 from pynetdicom.dsutils import encode
@@ -308,3 +309,23 @@ def test_unlisted_private_sop_class_is_refused_at_association(tmp_path: Path) ->
         if assoc.is_established:
             assert not assoc.accepted_contexts
             assoc.release()
+
+
+def test_syntax_without_decoder_is_still_stored(receiver: Receiver, tmp_path: Path) -> None:
+    """JPEG XL has no decoder here; the instance is kept (the study is skipped by name later)."""
+    jpeg_xl = "1.2.840.10008.1.2.4.110"
+    ds = _ct()
+    ds.PixelData = encapsulate([b"\xff\x0a" + b"\x00" * 30])
+    ds["PixelData"].VR = "OB"
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, jpeg_xl)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    ds.file_meta.TransferSyntaxUID = jpeg_xl
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    (path,) = receiver.spooled()
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == jpeg_xl
