@@ -48,23 +48,30 @@ class OutputUids:
 
 
 def output_uids(study_uid: str, input_sop_uids: Sequence[str], model: ModelIdentity) -> OutputUids:
-    """Derive the output UIDs from the study, the set of input instances and the model version.
+    """Derive the output UIDs from the study, the set of input instances and the model.
 
-    Same inputs give the same UIDs, so a repeat sends identical objects (the PACS sees the
-    same instances again rather than duplicates); a new input instance or a new model
-    version gives new UIDs, because then the content differs and one SOP Instance UID must
-    not name two different objects (PS3.5 9).
+    Series Instance UIDs derive from (study, model name, kind) only: every run of one model
+    on one study, whatever its input or model version, adds to the same result series, where
+    the higher Instance Number marks the newest revision (late arrivals, model upgrades).
+    SOP Instance UIDs derive from (study, the set of input instances, model name and version,
+    kind): the same inputs give the same UIDs, so a repeat sends identical objects (the PACS
+    sees the same instances again rather than duplicates); a new input instance or a new
+    model version gives new UIDs, because then the content differs and one SOP Instance UID
+    must not name two different objects (PS3.5 9).
     """
     if not input_sop_uids:
         raise ValueError("output_uids needs at least one input SOP Instance UID")
     inputs = sorted(set(input_sop_uids))
 
-    def uid(kind: str) -> str:
-        return derive_uid(study_uid, *inputs, model.name, model.version, kind)
+    def series(kind: str) -> str:
+        return derive_uid(study_uid, model.name, f"{kind}-series")
+
+    def instance(kind: str) -> str:
+        return derive_uid(study_uid, *inputs, model.name, model.version, f"{kind}-instance")
 
     return OutputUids(
-        seg_series=uid("seg-series"),
-        seg_instance=uid("seg-instance"),
-        sr_series=uid("sr-series"),
-        sr_instance=uid("sr-instance"),
+        seg_series=series("seg"),
+        seg_instance=instance("seg"),
+        sr_series=series("sr"),
+        sr_instance=instance("sr"),
     )

@@ -1,18 +1,21 @@
-"""Provenance shared by SEG and SR: IHE AIR Contributing Equipment, creation time, descriptions."""
+"""Header values SEG and SR share: IHE AIR provenance, times, descriptions, character set."""
 
 from __future__ import annotations
 
 import copy
 import datetime
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
+from pydicom.charset import custom_encoders, python_encoding
+from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, TM
 
 from agent import __version__
 from agent.dicom.codes import IHE_CODING_SCHEME, PROCESSING_ALGORITHM
 from agent.domain import ModelIdentity
+from agent.errors import PermanentError
 
 # General Equipment (PS3.3 C.7.5.1) and Enhanced General Equipment (C.7.5.2) describe the
 # application that created the instance: this service. The model itself is described in the
@@ -28,6 +31,46 @@ DEVICE_SERIAL_NUMBER = "pacs-agent"
 _FALLBACK_TIMESTAMP = datetime.datetime(1970, 1, 1)
 
 _LO_MAX = 64  # PS3.5 6.2: LO is at most 64 characters.
+
+# Unicode in UTF-8 (PS3.3 C.12.1.1.2, Table C.12-5) encodes any text. highdicom builds with it
+# (its own check rejects valid values such as "\ISO 2022 IR 87" and "ISO 2022 IR 149"), and
+# `stamp_instance` then sets the value that the finished object is written with.
+BUILD_CHARACTER_SET = "ISO_IR 192"
+# PS3.3 C.12.1.1.2 defined terms that pydicom can also write: single-valued without code
+# extensions (Tables C.12-2, C.12-5), and the terms with code extensions (C.12-3, C.12-4).
+_STAND_ALONE = frozenset(
+    {
+        *(f"ISO_IR {n}" for n in (13, 100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 192)),
+        "GB18030",
+        "GBK",
+    }
+) & frozenset(python_encoding)
+_SINGLE_BYTE_EXTENSIONS = frozenset(
+    f"ISO 2022 IR {n}" for n in (6, 13, 100, 101, 109, 110, 126, 127, 138, 144, 148, 166)
+) & frozenset(python_encoding)
+# pydicom 3.0 keeps the escape sequences of ISO 2022 IR 58 text in the decoded value and
+# writes them back as read: keeping the source's value (rather than UTF-8) keeps its bytes.
+_MULTI_BYTE_EXTENSIONS = frozenset(f"ISO 2022 IR {n}" for n in (58, 87, 149, 159))
+# The default repertoire (PS3.5 6.1.2.1) is ASCII; pydicom reads it permissively as Latin-1.
+_DEFAULT_REPERTOIRE = ("", "ISO 2022 IR 6")
+# Value representations whose text Specific Character Set governs (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+# highdicom checks these source values, quoting them in warnings and errors (logs): it gets
+# them empty, and `stamp_instance` restores the source's elements unchanged.
+_RESTORED = ("PatientName", "PatientBirthDate")
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+# highdicom reads from the first source without a default.
+_TYPE_2_HIGHDICOM_READS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 _NOT_FOR_DIAGNOSIS = " - research use, not for diagnosis"
 _SHORT_NOT_FOR_DIAGNOSIS = " - not for diagnosis"
 
@@ -91,13 +134,15 @@ def creation_timestamp(source: Sequence[Dataset]) -> datetime.datetime:
 def stamp_instance(
     instance: Dataset, source: Sequence[Dataset], model: ModelIdentity, when: datetime.datetime
 ) -> None:
-    """Fix what highdicom takes from the wall clock or sanitized inputs, and add the AIR item.
+    """Finish a built SEG or SR: fix what highdicom derives, add the AIR item, set the charset.
 
-    highdicom sets Instance Creation Date/Time and its own Contributing Equipment item's
-    Contribution DateTime from `datetime.now()`; both are replaced by `when` so repeats are
-    byte-identical. Patient's Name is restored from the source, exactly as received (see
-    `highdicom_source`). The Contributing Equipment item for the model is appended because
-    highdicom only accepts purposes from CID 7005, and AIR's purpose is not among them.
+    Call it last, once every value of `instance` is set. highdicom sets Instance Creation
+    Date/Time and its own Contributing Equipment item's Contribution DateTime from
+    `datetime.now()`; both are replaced by `when` so repeats are byte-identical. Patient's
+    Name and Birth Date are restored from the source as received (see `highdicom_source`). The
+    Contributing Equipment item for the model is appended because highdicom only accepts
+    purposes from CID 7005, and AIR's purpose is not among them. Specific Character Set is
+    set as `output_character_set` decides.
     """
     instance.InstanceCreationDate = _da(when)
     instance.InstanceCreationTime = _tm(when)
@@ -105,8 +150,10 @@ def stamp_instance(
     if offset:
         # PS3.3 C.12.1: our times derive from the source's local times, so share its offset.
         instance.TimezoneOffsetFromUTC = offset
-    if "PatientName" in source[0]:
-        instance.PatientName = source[0].PatientName
+    for keyword in _RESTORED:
+        if keyword in source[0]:
+            # The element itself, not its value: no re-validation (that would quote it).
+            instance.add(copy.deepcopy(source[0][keyword]))
     for item in instance.get("ContributingEquipmentSequence", []):
         # Only highdicom's own item: the acquisition item's time (if any) is the source's.
         if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
@@ -114,30 +161,118 @@ def stamp_instance(
     items = list(instance.get("ContributingEquipmentSequence", []))
     items.append(contributing_equipment(model, contributed=when))
     instance.ContributingEquipmentSequence = items
+    terms = output_character_set(instance, source[0])
+    if not terms:
+        instance.pop("SpecificCharacterSet", None)
+    else:
+        instance.SpecificCharacterSet = terms[0] if len(terms) == 1 else terms
+
+
+def output_character_set(instance: Dataset, source: Dataset) -> list[str]:
+    """The Specific Character Set values to write `instance` with; [] for the default repertoire.
+
+    The source's own value where it is a valid PS3.3 C.12.1.1.2 value and every text value
+    of `instance` (copied from the source or ours) can be encoded with it, so the PACS gets
+    the results in the character set of the images; otherwise ISO_IR 192 (UTF-8), which
+    encodes anything. A source that declares nothing yet holds non-ASCII text (an encoding
+    defect that pydicom reads as Latin-1) thus gives UTF-8 objects with the same decoded text.
+
+    Visiting every value also decodes any element still held as raw bytes (pydicom decodes
+    on access), so that pydicom re-encodes it with the chosen character set on writing
+    rather than copying bytes in the source's encoding.
+    """
+    declared = _declared_character_set(source)
+    if declared is not None and all(_encodable(text, declared) for text in _texts(instance)):
+        return declared
+    return [BUILD_CHARACTER_SET]
 
 
 def highdicom_source(first: Dataset) -> Dataset:
     """A copy of the first source header that highdicom can copy patient and study data from.
 
-    highdicom warns, quoting the value, when Patient's Name has no "^" (a legal single
-    family-name component, PS3.5 6.2.1.2): that would put the name into warnings and logs.
-    A trailing "^" means the same name; `stamp_instance` restores the original value.
-    highdicom also rejects an empty Specific Character Set, which means the default
-    repertoire (PS3.3 C.12.1.1.2), the same as leaving it out.
+    highdicom checks Patient's Name and Birth Date and quotes them when it objects (a
+    legal single-component name such as "DOE", PS3.5 6.2.1.2, draws a warning): the copy
+    has them empty, and `stamp_instance` restores the source's values. highdicom also reads
+    the Type 2 Patient and Study attributes without a default: absent ones are added empty,
+    as the SEG and SR must carry them anyway (PS3.3 C.7.1.1, C.7.2.1). Private elements are
+    removed, nested ones included.
     """
     # A deep copy: pydicom copies share data elements, and the caller's header must not change.
     clone = copy.deepcopy(first)
-    name = first.get("PatientName")
-    if name is not None and str(name) and "^" not in str(name) and "=" not in str(name):
-        clone.PatientName = f"{name}^"
-    if "SpecificCharacterSet" in clone and not clone.SpecificCharacterSet:
-        del clone.SpecificCharacterSet
+    # highdicom copies whole sequences of the Patient and Study modules. Private elements
+    # inside them (PS3.5 7.8) are another application's, with meanings (and possibly
+    # identity) that our objects cannot vouch for: they are not repeated.
+    clone.remove_private_tags()
+    for keyword in _TYPE_2_HIGHDICOM_READS:
+        if keyword in _RESTORED or keyword not in clone:
+            setattr(clone, keyword, None)
     return clone
 
 
+def check_instance_number(value: int) -> None:
+    """PermanentError unless `value` can be an Instance Number: 1 to 2**31 - 1 (IS, PS3.5 6.2)."""
+    if not 1 <= value < 2**31:
+        raise PermanentError(f"instance number (revision) must be 1 to 2**31 - 1, got {value}")
+
+
+def _declared_character_set(source: Dataset) -> list[str] | None:
+    """The source's Specific Character Set as a list, or None if it is not a valid value."""
+    raw = source.get("SpecificCharacterSet")
+    values = [raw] if raw is None or isinstance(raw, str) else list(raw)
+    terms = [str(value or "").strip() for value in values]
+    if not any(terms):
+        return []
+    if len(terms) == 1:
+        return terms if terms[0] in _STAND_ALONE | _SINGLE_BYTE_EXTENSIONS else None
+    # PS3.3 C.12.1.1.2: with several values, all use code extensions (ISO 2022), and the
+    # first (empty for ISO 2022 IR 6) is a single-byte set.
+    first_ok = terms[0] in ("", *_SINGLE_BYTE_EXTENSIONS)
+    rest_ok = all(t in _SINGLE_BYTE_EXTENSIONS | _MULTI_BYTE_EXTENSIONS for t in terms[1:])
+    return terms if first_ok and rest_ok else None
+
+
+def _encodable(text: str, terms: Sequence[str]) -> bool:
+    """Whether every character of `text` is in one of the character sets that `terms` name.
+
+    pydicom switches between the sets of a code-extension value as it goes (PS3.5 6.1.2.5),
+    so one of them holding each character is enough.
+    """
+    codecs = ["ascii" if t in _DEFAULT_REPERTOIRE else python_encoding[t] for t in terms or [""]]
+    return all(char.isascii() or any(_has(char, c) for c in codecs) for char in text)
+
+
+def _has(char: str, codec: str) -> bool:
+    # As pydicom encodes: its own encoders where Python's codec is wider than the DICOM set
+    # (ISO_IR 13 is JIS X 0201 alone, not all of Shift JIS).
+    encoder = custom_encoders.get(codec)
+    try:
+        if encoder is not None:
+            encoder(char)
+        else:
+            char.encode(codec)
+    except UnicodeError:
+        return False
+    return True
+
+
+def _texts(instance: Dataset) -> Iterator[str]:
+    """Every text value of `instance` that Specific Character Set governs, nested ones too."""
+    for elem in instance.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None:
+            continue
+        values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+        yield from (str(value) for value in values)
+
+
 def series_description(model: ModelIdentity, kind: str) -> str:
-    """Series Description that says the series is AI-generated and not for diagnosis (≤ 64)."""
-    head = f"AI {model.name} {model.version} {kind}"
+    """Series Description that says the series is AI-generated and not for diagnosis (≤ 64).
+
+    It names the model but not its version: the result series holds every revision of the
+    model's results for the study, versions included (see `output_uids`), and a series-level
+    attribute must be the same in all of them. The version is in each instance's Contributing
+    Equipment and algorithm identification.
+    """
+    head = f"AI {model.name} {kind}"
     for tail in (_NOT_FOR_DIAGNOSIS, _SHORT_NOT_FOR_DIAGNOSIS):
         if len(head) + len(tail) <= _LO_MAX:
             return head + tail
@@ -212,16 +347,19 @@ def content_time(when: datetime.datetime) -> str:
 
 
 __all__ = [
+    "BUILD_CHARACTER_SET",
     "DEVICE_SERIAL_NUMBER",
     "MANUFACTURER",
     "MODEL_NAME",
     "SOFTWARE_VERSION",
+    "check_instance_number",
     "coding_schemes",
     "content_date",
     "content_time",
     "contributing_equipment",
     "creation_timestamp",
     "highdicom_source",
+    "output_character_set",
     "series_description",
     "stamp_instance",
 ]

@@ -43,6 +43,7 @@ def build_sr(
     model: ModelIdentity,
     uids: OutputUids,
     *,
+    instance_number: int,
     series_number: int = 9902,
     disclaimer: str,
     created: datetime.datetime | None = None,
@@ -55,9 +56,13 @@ def build_sr(
     anatomical structures), Volume in ml and, if the segment has voxels, mean attenuation in
     HU. An empty segment keeps its group with volume 0 and no mean, which is undefined.
 
-    `created` as for `build_seg`; by default derived from the source, for identical repeats.
+    `source` are the headers of the images `seg` was derived from, as for `build_seg` (one
+    multi-frame image or single-frame images); they are the report's evidence, with `seg`.
+    `instance_number` is the result's revision, as for `build_seg`. `created` as for
+    `build_seg`; by default derived from the source, for identical repeats.
     """
     by_number = _check_inputs(source, seg, segments, measurements)
+    equipment.check_instance_number(instance_number)
     when = created if created is not None else equipment.creation_timestamp(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
@@ -99,7 +104,7 @@ def build_sr(
         series_instance_uid=uids.sr_series,
         series_number=series_number,
         sop_instance_uid=uids.sr_instance,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=equipment.MANUFACTURER,
         # COMPLETE: the report holds every result; UNVERIFIED and PRELIMINARY: no person has
         # confirmed it and it is not the definitive report (PS3.3 C.17.2, SR Document General).
@@ -110,11 +115,11 @@ def build_sr(
         manufacturer_model_name=equipment.MODEL_NAME,
         software_versions=equipment.SOFTWARE_VERSION,
         device_serial_number=equipment.DEVICE_SERIAL_NUMBER,
+        # Series Date/Time are left out (type 3): the series holds every revision.
         content_date=equipment.content_date(when),
         content_time=equipment.content_time(when),
-        series_date=equipment.content_date(when),
-        series_time=equipment.content_time(when),
         coding_schemes=equipment.coding_schemes(),
+        specific_character_set=equipment.BUILD_CHARACTER_SET,
     )
     equipment.stamp_instance(sr, source, model, when)
     return sr
@@ -186,6 +191,14 @@ def _check_inputs(
         raise PermanentError(
             f"measurements for segments {sorted(by_number)} do not match segments {numbers}"
         )
+    derived_from = {
+        str(item.ReferencedSOPInstanceUID)
+        for series in seg.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedInstanceSequence", [])
+    }
+    if derived_from != {str(ds.SOPInstanceUID) for ds in source}:
+        # The report's evidence must be the images the SEG was derived from (PS3.3 C.17.2.3).
+        raise PermanentError("the source images are not those the SEG was derived from")
     seg_numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
     if not set(numbers) <= seg_numbers:
         raise PermanentError(f"segments {numbers} are not all in the SEG {sorted(seg_numbers)}")

@@ -92,7 +92,9 @@ def build_and_save(folder: Path) -> tuple[Path, Path]:
     masks = synthetic_masks(len(headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
     identity = model()
     uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
-    seg = build_seg(headers, masks, SEGMENTS, identity, uids, disclaimer=DISCLAIMER)
+    seg = build_seg(
+        headers, masks, SEGMENTS, identity, uids, instance_number=1, disclaimer=DISCLAIMER
+    )
     voxel_ml = PIXEL_SPACING_MM * PIXEL_SPACING_MM * SLICE_THICKNESS_MM / 1000.0
     sr = build_sr(
         headers,
@@ -101,6 +103,7 @@ def build_and_save(folder: Path) -> tuple[Path, Path]:
         measurements_for(masks, voxel_ml),
         identity,
         uids,
+        instance_number=1,
         disclaimer=DISCLAIMER,
     )
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"

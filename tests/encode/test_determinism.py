@@ -1,7 +1,8 @@
-"""Same inputs give byte-identical SEG and SR; a new model version or input set gives new UIDs."""
+"""Same inputs give byte-identical SEG and SR; a new model version or input gives new instances."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -61,34 +62,77 @@ def headers(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
     return read_headers(write_synthetic_ct(tmp_path_factory.mktemp("det") / "ct"))
 
 
-def _uids_in_objects(headers: list[Dataset], version: str, slices: slice) -> set[str]:
-    """Every UID the encoders mint (not copy) for this input set and model version."""
+def _build(
+    headers: list[Dataset], version: str, slices: slice, instance_number: int = 1
+) -> tuple[Dataset, Dataset]:
     chosen = headers[slices]
     identity = model(version)
     uids = output_uids(chosen[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in chosen], identity)
     masks = synthetic_masks(len(chosen), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
-    seg = build_seg(chosen, masks, SEGMENTS, identity, uids, disclaimer=DISCLAIMER)
+    seg = build_seg(
+        chosen,
+        masks,
+        SEGMENTS,
+        identity,
+        uids,
+        instance_number=instance_number,
+        disclaimer=DISCLAIMER,
+    )
     measured = measurements_for(masks, 0.001)
-    sr = build_sr(chosen, seg, SEGMENTS, measured, identity, uids, disclaimer=DISCLAIMER)
+    sr = build_sr(
+        chosen,
+        seg,
+        SEGMENTS,
+        measured,
+        identity,
+        uids,
+        instance_number=instance_number,
+        disclaimer=DISCLAIMER,
+    )
+    return seg, sr
+
+
+def _minted(headers: list[Dataset], version: str, slices: slice) -> tuple[set[str], set[str]]:
+    """The series UIDs, and every other UID the encoders mint (not copy), for one input."""
+    seg, sr = _build(headers, version, slices)
     tracking = {d.TrackingUID for d in seg.SegmentSequence}
-    return {
-        seg.SeriesInstanceUID,
+    series = {seg.SeriesInstanceUID, sr.SeriesInstanceUID}
+    instances = {
         seg.SOPInstanceUID,
-        sr.SeriesInstanceUID,
         sr.SOPInstanceUID,
         seg.DimensionOrganizationSequence[0].DimensionOrganizationUID,
         *tracking,
     }
+    return series, instances
 
 
-def test_new_model_version_gives_new_uids(headers: list[Dataset]) -> None:
-    old = _uids_in_objects(headers, "1.0.0", slice(None))
-    new = _uids_in_objects(headers, "1.1.0", slice(None))
+def test_new_model_version_gives_new_instances_in_the_same_series(
+    headers: list[Dataset],
+) -> None:
+    old_series, old = _minted(headers, "1.0.0", slice(None))
+    new_series, new = _minted(headers, "1.1.0", slice(None))
     assert old.isdisjoint(new)
-    assert old == _uids_in_objects(headers, "1.0.0", slice(None))
+    assert old_series == new_series
+    assert (old_series, old) == _minted(headers, "1.0.0", slice(None))
 
 
-def test_new_input_set_gives_new_uids(headers: list[Dataset]) -> None:
-    full = _uids_in_objects(headers, "1.0.0", slice(None))
-    partial = _uids_in_objects(headers, "1.0.0", slice(1, None))
+def test_new_input_set_gives_new_instances_in_the_same_series(headers: list[Dataset]) -> None:
+    full_series, full = _minted(headers, "1.0.0", slice(None))
+    partial_series, partial = _minted(headers, "1.0.0", slice(1, None))
     assert full.isdisjoint(partial)
+    assert full_series == partial_series
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_revision_sets_the_instance_number_and_nothing_else(headers: list[Dataset]) -> None:
+    first = _build(headers, "1.0.0", slice(None), instance_number=1)
+    second = _build(headers, "1.0.0", slice(None), instance_number=2)
+    for one, two in zip(first, second, strict=True):
+        assert (one.InstanceNumber, two.InstanceNumber) == (1, 2)
+        two.InstanceNumber = 1
+        assert _bytes(one) == _bytes(two)

@@ -41,7 +41,9 @@ class Built:
 def _build(headers: list[Dataset], masks: np.ndarray, out: Path) -> Built:
     identity = model()
     uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
-    seg = build_seg(headers, masks, SEGMENTS, identity, uids, disclaimer=DISCLAIMER)
+    seg = build_seg(
+        headers, masks, SEGMENTS, identity, uids, instance_number=1, disclaimer=DISCLAIMER
+    )
     seg.save_as(out, enforce_file_format=True)
     return Built(headers, masks, identity, uids, out)
 
@@ -83,6 +85,7 @@ def test_seg_is_binary_in_source_study_with_new_series(built: Built) -> None:
     assert seg.PatientID == source.PatientID
     assert seg.PatientName == source.PatientName
     assert seg.SeriesNumber == 9901
+    assert seg.InstanceNumber == 1
     assert seg.Modality == "SEG"
 
 
@@ -147,7 +150,7 @@ def test_seg_omits_empty_frames(built: Built) -> None:
 def test_seg_says_it_is_ai_and_research_only(built: Built) -> None:
     seg = hd.seg.segread(built.path)
     assert len(seg.SeriesDescription) <= 64
-    assert seg.SeriesDescription.startswith(f"AI {built.model.name} {built.model.version} SEG")
+    assert seg.SeriesDescription.startswith(f"AI {built.model.name} SEG")
     assert "not for diagnosis" in seg.SeriesDescription
     assert seg.ImageComments == DISCLAIMER
     assert "research" in seg.ContentDescription
@@ -177,8 +180,10 @@ def test_seg_dates_derive_from_source(built: Built) -> None:
     seg = hd.seg.segread(built.path)
     latest = max(str(ds.ContentDate) + str(ds.ContentTime) for ds in built.headers)
     assert str(seg.ContentDate) + str(seg.ContentTime) == latest
-    assert seg.InstanceCreationDate == seg.ContentDate == seg.SeriesDate
-    assert seg.InstanceCreationTime == seg.ContentTime == seg.SeriesTime
+    assert seg.InstanceCreationDate == seg.ContentDate
+    assert seg.InstanceCreationTime == seg.ContentTime
+    # The series holds every revision, each with its own dates: no series-level date.
+    assert "SeriesDate" not in seg and "SeriesTime" not in seg
 
 
 def test_seg_passes_dciodvfy(built: Built) -> None:
@@ -207,7 +212,8 @@ def test_all_empty_masks_still_give_a_valid_seg(synthetic: Built, tmp_path: Path
     ("change", "message"),
     [
         (lambda m: m[:2], "masks for"),
-        (lambda m: m[:, :-1], "does not match the source"),
+        (lambda m: m[:, :-1], "masks have 9 slices"),
+        (lambda m: m[:, :, :-1], "masks slices are"),
         (lambda m: m.astype(np.uint8), "must be bool"),
     ],
 )
@@ -215,7 +221,30 @@ def test_build_seg_rejects_bad_masks(synthetic: Built, change: object, message: 
     masks = change(synthetic.masks)  # type: ignore[operator]
     with pytest.raises(PermanentError, match=message) as error:
         build_seg(
-            synthetic.headers, masks, SEGMENTS, synthetic.model, synthetic.uids, disclaimer="x"
+            synthetic.headers,
+            masks,
+            SEGMENTS,
+            synthetic.model,
+            synthetic.uids,
+            instance_number=1,
+            disclaimer="x",
         )
     assert str(synthetic.headers[0].PatientName) not in str(error.value)
     assert synthetic.headers[0].PatientID not in str(error.value)
+
+
+def test_seg_carries_the_revision_as_instance_number(synthetic: Built) -> None:
+    def build(revision: int) -> hd.seg.Segmentation:
+        return build_seg(
+            synthetic.headers,
+            synthetic.masks,
+            SEGMENTS,
+            synthetic.model,
+            synthetic.uids,
+            instance_number=revision,
+            disclaimer=DISCLAIMER,
+        )
+
+    assert build(3).InstanceNumber == 3
+    with pytest.raises(PermanentError, match="instance number"):
+        build(0)

@@ -58,9 +58,13 @@ class Built:
 def _build(headers: list[Dataset], masks: np.ndarray, voxel_ml: float, out: Path) -> Built:
     identity = model()
     uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
-    seg = build_seg(headers, masks, SEGMENTS, identity, uids, disclaimer=DISCLAIMER)
+    seg = build_seg(
+        headers, masks, SEGMENTS, identity, uids, instance_number=1, disclaimer=DISCLAIMER
+    )
     measured = measurements_for(masks, voxel_ml)
-    sr = build_sr(headers, seg, SEGMENTS, measured, identity, uids, disclaimer=DISCLAIMER)
+    sr = build_sr(
+        headers, seg, SEGMENTS, measured, identity, uids, instance_number=1, disclaimer=DISCLAIMER
+    )
     sr.save_as(out, enforce_file_format=True)
     return Built(headers, seg, measured, identity, uids, out)
 
@@ -115,6 +119,7 @@ def test_sr_is_in_source_study_with_new_series(built: Built) -> None:
     assert sr.PatientName == source.PatientName
     assert sr.PatientID == source.PatientID
     assert sr.SeriesNumber == 9902
+    assert sr.InstanceNumber == 1
     assert sr.CompletionFlag == "COMPLETE"
     assert sr.VerificationFlag == "UNVERIFIED"
 
@@ -209,7 +214,7 @@ def test_sr_records_evidence_in_current_procedure(built: Built) -> None:
 def test_sr_says_it_is_ai_and_has_air_equipment(built: Built) -> None:
     sr = hd.sr.srread(built.path)
     assert len(sr.SeriesDescription) <= 64
-    assert sr.SeriesDescription.startswith(f"AI {built.model.name} {built.model.version} SR")
+    assert sr.SeriesDescription.startswith(f"AI {built.model.name} SR")
     assert "not for diagnosis" in sr.SeriesDescription
     air = [
         item
@@ -229,7 +234,14 @@ def test_sr_passes_dciodvfy(built: Built) -> None:
 def _sr_for(built: Built, measured: list[Measurement]) -> hd.sr.Comprehensive3DSR:
     """An SR over `built`'s SEG with other measurements."""
     return build_sr(
-        built.headers, built.seg, SEGMENTS, measured, built.model, built.uids, disclaimer=DISCLAIMER
+        built.headers,
+        built.seg,
+        SEGMENTS,
+        measured,
+        built.model,
+        built.uids,
+        instance_number=1,
+        disclaimer=DISCLAIMER,
     )
 
 
@@ -269,3 +281,44 @@ def test_build_sr_rejects_inconsistent_measurements(
     with pytest.raises(PermanentError) as error:
         _sr_for(synthetic, measured)
     assert synthetic.headers[0].PatientID not in str(error.value)
+
+
+def test_build_sr_wants_the_images_the_seg_was_derived_from(synthetic: Built) -> None:
+    measured = synthetic.measurements
+    with pytest.raises(PermanentError, match="not those the SEG was derived from"):
+        build_sr(
+            synthetic.headers[1:],
+            synthetic.seg,
+            SEGMENTS,
+            measured,
+            synthetic.model,
+            synthetic.uids,
+            instance_number=1,
+            disclaimer=DISCLAIMER,
+        )
+
+
+@pytest.mark.parametrize("revision", [2, 17])
+def test_sr_carries_the_revision_as_instance_number(synthetic: Built, revision: int) -> None:
+    sr = build_sr(
+        synthetic.headers,
+        synthetic.seg,
+        SEGMENTS,
+        synthetic.measurements,
+        synthetic.model,
+        synthetic.uids,
+        instance_number=revision,
+        disclaimer=DISCLAIMER,
+    )
+    assert sr.InstanceNumber == revision
+    with pytest.raises(PermanentError, match="instance number"):
+        build_sr(
+            synthetic.headers,
+            synthetic.seg,
+            SEGMENTS,
+            synthetic.measurements,
+            synthetic.model,
+            synthetic.uids,
+            instance_number=0,
+            disclaimer=DISCLAIMER,
+        )

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from agent.dicom.uids import OutputUids, derive_uid, output_uids
+from agent.domain import ModelIdentity
 from tests.encode import model
 
 UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -17,6 +18,14 @@ INPUTS = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
 
 def _all(uids: OutputUids) -> list[str]:
     return [uids.seg_series, uids.seg_instance, uids.sr_series, uids.sr_instance]
+
+
+def _series(uids: OutputUids) -> list[str]:
+    return [uids.seg_series, uids.sr_series]
+
+
+def _instances(uids: OutputUids) -> list[str]:
+    return [uids.seg_instance, uids.sr_instance]
 
 
 @pytest.mark.parametrize(
@@ -59,18 +68,37 @@ def test_output_uids_ignore_input_order() -> None:
     assert output_uids(STUDY, INPUTS, model()) == output_uids(STUDY, INPUTS[::-1], model())
 
 
-def test_output_uids_change_with_model_version() -> None:
-    first = _all(output_uids(STUDY, INPUTS, model("1.0.0")))
-    second = _all(output_uids(STUDY, INPUTS, model("1.0.1")))
-    assert not set(first) & set(second)
+def test_new_model_version_gives_new_instances_in_the_same_series() -> None:
+    first = output_uids(STUDY, INPUTS, model("1.0.0"))
+    second = output_uids(STUDY, INPUTS, model("1.0.1"))
+    assert not set(_instances(first)) & set(_all(second))
+    assert _series(first) == _series(second)
 
 
-def test_output_uids_change_with_input_set() -> None:
-    first = _all(output_uids(STUDY, INPUTS, model()))
-    fewer = _all(output_uids(STUDY, INPUTS[:-1], model()))
-    more = _all(output_uids(STUDY, [*INPUTS, "1.2.3.4.4"], model()))
-    assert not set(first) & set(fewer)
-    assert not set(first) & set(more)
+def test_new_input_set_gives_new_instances_in_the_same_series() -> None:
+    # Late arrivals: the study is processed again, and the new revision joins the series.
+    first = output_uids(STUDY, INPUTS, model())
+    for changed in (INPUTS[:-1], [*INPUTS, "1.2.3.4.4"]):
+        revision = output_uids(STUDY, changed, model())
+        assert not set(_instances(first)) & set(_all(revision))
+        assert _series(first) == _series(revision)
+
+
+def test_new_model_name_or_study_gives_new_series() -> None:
+    first = output_uids(STUDY, INPUTS, model())
+    renamed = output_uids(STUDY, INPUTS, ModelIdentity("ct-organs", "1.0.0", "m", "1.2.3"))
+    elsewhere = output_uids(STUDY + ".2", INPUTS, model())
+    for changed in (renamed, elsewhere):
+        assert not set(_all(first)) & set(_all(changed))
+
+
+def test_instance_uids_are_unchanged_by_the_series_rule() -> None:
+    # Objects sent before the series rule changed keep their SOP Instance UIDs on a repeat.
+    uids = output_uids(STUDY, INPUTS[::-1], model())
+    identity = model()
+    parts = (STUDY, *sorted(INPUTS), identity.name, identity.version)
+    assert uids.seg_instance == derive_uid(*parts, "seg-instance")
+    assert uids.sr_instance == derive_uid(*parts, "sr-instance")
 
 
 def test_output_uids_need_inputs() -> None:

@@ -25,7 +25,12 @@ def assert_dciodvfy_clean(path: Path) -> None:
         )
     # dciodvfy writes its findings to stderr and exits 0 even with errors; read both streams.
     result = subprocess.run(
-        [exe, str(path)], capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+        [exe, str(path)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=_TIMEOUT_S,
+        check=False,
     )
     lines = (result.stdout + result.stderr).splitlines()
     # "Abort" is how dciodvfy reports a file it could not read at all.
