@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import signal
 import socket
@@ -18,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.db import Database
+from agent.domain import Manifest
 from agent.errors import AgentError, ConfigError
 from agent.logs import configure_logging
 from agent.settings import Settings, load_settings
@@ -72,7 +74,7 @@ def cmd_serve(settings: Settings) -> int:
         ctx.db,
         ctx.layout,
         quiet_seconds=settings.study.quiet_seconds,
-        models=tuple(m.name for m in settings.models),
+        models=settings.models,
         enqueue=enqueuer(app),
         clock=SystemClock(),
     )
@@ -138,6 +140,47 @@ def cmd_status(settings: Settings, limit: int) -> int:
         stages = " ".join(f"{state}={at.strftime('%H:%M:%S')}" for state, at in row.stages)
         reason = f" ({row.reason})" if row.reason else ""
         print(f"{row.study_key}  {row.state}{reason}  {row.instance_count} instances  {stages}")
+    return EXIT_OK
+
+
+def cmd_study(settings: Settings, key: str) -> int:
+    """One study in detail: its stages and every series stored, with what each was used for."""
+    from pydicom.uid import UID
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    try:
+        study = db.by_key(key)
+        if study is None:
+            raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
+        row = next((r for r in db.recent(10**9) if r.study_key == study.study_key), None)
+        contents = db.series_contents(study.id)
+    finally:
+        db.dispose()
+    reason = f" ({study.reason})" if study.reason else ""
+    print(f"{study.study_key}  {study.state}{reason}  revision {study.revision}")
+    if row is not None:
+        for state, at in row.stages:
+            print(f"  {at.strftime('%Y-%m-%d %H:%M:%S')}Z  {state}")
+    used: dict[str, list[str]] = {}
+    manifest_path = SpoolLayout(settings.spool.path).manifest_path(study.job_id or "-")
+    if study.job_id and manifest_path.is_file():
+        for item in Manifest.from_json(manifest_path.read_text()).inputs:
+            used.setdefault(item.series_uid, []).append(item.model)
+    for series_uid, sop_class, count in contents:
+        name = UID(sop_class).name if sop_class else "no SOP class"
+        # The series' spool folder name: a hash, not the UID.
+        folder = hashlib.sha256(series_uid.encode("ascii")).hexdigest()[:16]
+        role = f"input of {', '.join(used[series_uid])}" if series_uid in used else "stored"
+        print(f"  series {folder}  {count} x {name}  {role}")
+    return EXIT_OK
+
+
+def cmd_rules_test(settings: Settings, path: Path) -> int:
+    from agent.assembly.explain import report
+
+    for line in report(path, settings.models):
+        print(line)
     return EXIT_OK
 
 
@@ -224,9 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Celery worker for scale-out with Redis")
     with_config(worker, True)
     worker.add_argument("--queue", choices=["gpu", "io", "all"], default="all")
-    status = sub.add_parser("status", help="recent studies, one line each")
+    status = sub.add_parser("status", help="recent studies, one line each; or one in detail")
     with_config(status, False)
     status.add_argument("--limit", type=int, default=50)
+    status.add_argument("study", nargs="?", help="a study key (or its first 6+ characters)")
+    rules = sub.add_parser("rules", help="series selection rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    rules_test = rules_sub.add_parser(
+        "test", help="which model would take each series of a file or folder, and why not"
+    )
+    with_config(rules_test, False)
+    rules_test.add_argument("path", type=Path, help="a DICOM file or a folder (searched deeply)")
     with_config(sub.add_parser("check-config", help="validate and test reachability"), False)
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     with_config(echo, True)
@@ -247,7 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return cmd_worker(settings, args.queue)
         if args.command == "status":
+            if args.study:
+                return cmd_study(settings, args.study)
             return cmd_status(settings, args.limit)
+        if args.command == "rules":
+            return cmd_rules_test(settings, args.path)
         if args.command == "check-config":
             return cmd_check_config(settings)
         return cmd_echo(settings, args.destination)

@@ -20,12 +20,14 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import DefaultClause
 
 from agent.errors import PermanentError
 from agent.logs import study_key
@@ -49,7 +51,8 @@ IN_FLIGHT = frozenset({State.QUEUED, State.INFERRING, State.EXPORTING})
 # study is re-assembled under a new job) and any non-terminal state may end SKIPPED or FAILED.
 _FORWARD: dict[State, frozenset[State]] = {
     State.RECEIVING: frozenset({State.COMPLETE}),
-    State.COMPLETE: frozenset({State.QUEUED}),
+    # COMPLETE -> DONE: re-opened by a late arrival that left every model's input unchanged.
+    State.COMPLETE: frozenset({State.QUEUED, State.DONE}),
     # QUEUED -> QUEUED records that the broker could not take the job yet.
     State.QUEUED: frozenset({State.QUEUED, State.INFERRING}),
     # INFERRING -> INFERRING: a redelivered task (acks_late after a worker died) starts over.
@@ -108,6 +111,11 @@ class Study(Base):
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Revision of the results: +1 each time a different input is queued (late arrivals).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Digest of the queued job's input, and of the input whose results were last sent.
+    input_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    done_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
     first_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
     last_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
@@ -189,6 +197,7 @@ class Database:
                             text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
                         )
                     Base.metadata.create_all(conn)
+                    _add_missing_columns(conn)
                 return
             except (OperationalError, ProgrammingError, IntegrityError):
                 if attempt == 4:
@@ -296,6 +305,25 @@ class Database:
         with self.session() as s:
             return list(s.scalars(select(Study).where(Study.state.in_([str(x) for x in states]))))
 
+    def by_key(self, key: str) -> Study | None:
+        """The study whose key (or a unique prefix of it, at least 6 characters) is `key`."""
+        if len(key) < 6:
+            return None
+        with self.session() as s:
+            found = list(s.scalars(select(Study).where(Study.study_key.startswith(key)).limit(2)))
+            return found[0] if len(found) == 1 else None
+
+    def series_contents(self, study_id: int) -> list[tuple[str, str, int]]:
+        """(series UID, SOP Class UID, instance count) of everything stored for a study."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Instance.series_uid, Instance.sop_class_uid, func.count())
+                .where(Instance.study_id == study_id)
+                .group_by(Instance.series_uid, Instance.sop_class_uid)
+                .order_by(Instance.series_uid, Instance.sop_class_uid)
+            ).all()
+            return [(str(a), str(b), int(c)) for a, b, c in rows]
+
     def instance_paths(self, study_id: int) -> list[Path]:
         with self.session() as s:
             rows = s.scalars(select(Instance.path).where(Instance.study_id == study_id))
@@ -338,11 +366,15 @@ class Database:
         job_id: str | None = None,
         expect_job: str | None = None,
         expect_state: Sequence[State] | None = None,
+        input_digest: str | None = None,
+        revision: int | None = None,
     ) -> None:
         """Move a study to `target`, recording when and why.
 
         `expect_job` makes the move conditional on the study still belonging to that job: a
         worker finishing a job that new instances have superseded gets `Superseded`.
+        `input_digest` and `revision` go with a new `job_id`: what the job processes. On DONE
+        the job's input digest is remembered, so that an unchanged input is not sent again.
         """
         with self.session() as s, s.begin():
             study = s.scalar(select(Study).where(Study.study_uid == study_uid).with_for_update())
@@ -360,6 +392,12 @@ class Database:
             if job_id is not None:
                 study.job_id = job_id
                 study.attempts = 0
+            if input_digest is not None:
+                study.input_digest = input_digest
+            if revision is not None:
+                study.revision = revision
+            if target is State.DONE and study.state == State.EXPORTING:
+                study.done_digest = study.input_digest
             if target is State.EXPORTING and study.state == State.EXPORTING:
                 study.attempts += 1
             self._move(s, study, target, reason)
@@ -371,6 +409,27 @@ class Database:
         study.reason = reason
         study.updated_at = now
         s.add(Transition(study_id=study.id, state=target, reason=reason, at=now))
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Add columns that a newer version defines to tables an older version created.
+
+    Only additive changes are made this way; each new column has a server default.
+    """
+    present = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        existing = {c["name"] for c in present.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            kind = column.type.compile(dialect=conn.dialect)
+            default = column.server_default
+            clause = ""
+            if isinstance(default, DefaultClause) and isinstance(default.arg, str):
+                clause = " DEFAULT '" + default.arg.replace("'", "''") + "'"
+            conn.execute(
+                text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} NOT NULL{clause}")
+            )
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

@@ -48,23 +48,59 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class FrameRef:
+    """One 2-D frame of a spooled instance: the file and the 0-based frame index within it."""
+
+    path: Path
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The stack of frames one model runs on: one series, in slice order (ascending normal)."""
+
+    model: str
+    series_uid: str
+    frames: tuple[FrameRef, ...]
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The distinct instances of the stack, in order of first appearance."""
+        return tuple(dict.fromkeys(f.path for f in self.frames))
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """The selected series of one study, as handed from the assembler to a GPU worker."""
+    """What the assembler hands to a GPU worker: every model's input for one study."""
 
     job_id: str
     study_uid: str
-    series_uid: str
-    models: tuple[str, ...]  # every configured model runs on the series, in this order
-    files: tuple[Path, ...]  # the instances of the selected series, in slice order
+    inputs: tuple[ModelInput, ...]  # one per model that runs, in the configured order
+    # 1 for a study's first processed input, +1 for each later, different one (late arrivals);
+    # the results' InstanceNumber, so viewers show the newest.
+    revision: int = 1
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(i.model for i in self.inputs)
+
+    def input_for(self, model: str) -> ModelInput:
+        return next(i for i in self.inputs if i.model == model)
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "job_id": self.job_id,
                 "study_uid": self.study_uid,
-                "series_uid": self.series_uid,
-                "models": list(self.models),
-                "files": [str(p) for p in self.files],
+                "revision": self.revision,
+                "inputs": [
+                    {
+                        "model": i.model,
+                        "series_uid": i.series_uid,
+                        "frames": [[str(f.path), f.index] for f in i.frames],
+                    }
+                    for i in self.inputs
+                ],
             },
             indent=1,
         )
@@ -75,7 +111,13 @@ class Manifest:
         return cls(
             job_id=raw["job_id"],
             study_uid=raw["study_uid"],
-            series_uid=raw["series_uid"],
-            models=tuple(raw["models"]),
-            files=tuple(Path(p) for p in raw["files"]),
+            revision=int(raw.get("revision", 1)),
+            inputs=tuple(
+                ModelInput(
+                    model=i["model"],
+                    series_uid=i["series_uid"],
+                    frames=tuple(FrameRef(Path(path), int(index)) for path, index in i["frames"]),
+                )
+                for i in raw["inputs"]
+            ),
         )

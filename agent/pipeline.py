@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from agent.db import TERMINAL, Database, InvalidTransition, State, Superseded
 from agent.dicom.files import read_header
 from agent.dicom.uids import output_uids
-from agent.domain import Manifest
+from agent.domain import FrameRef, Manifest
 from agent.encode.seg import build_seg
 from agent.encode.sr import build_sr
 from agent.errors import RetryableError
@@ -21,7 +21,7 @@ from agent.export import dimse
 from agent.inference.models.ct_tissue import DISCLAIMER
 from agent.inference.registry import get_model
 from agent.inference.runner import pick_device, run_model
-from agent.inference.volume import load_volume
+from agent.inference.volume import Volume, load_volume
 from agent.logs import log_context, study_key
 from agent.results import ModelResult, has_result, load_result, save_result
 from agent.settings import Settings
@@ -81,8 +81,14 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
             expect_job=job_id,
             expect_state=[State.QUEUED, State.INFERRING],
         )
-        volume = load_volume(manifest.files)
-        for name in manifest.models:
+        loaded: dict[tuple[FrameRef, ...], Volume] = {}
+        for item in manifest.inputs:
+            name = item.model
+            if item.frames not in loaded:
+                # Models sharing a stack share its volume; one volume at a time otherwise.
+                loaded.clear()
+                loaded[item.frames] = load_volume(item.frames)
+            volume = loaded[item.frames]
             model = get_model(name)
             masks, measurements = run_model(model, volume, _device(ctx, name))
             save_result(
@@ -98,12 +104,18 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
 
 def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
     """SEG + SR for every model result, written once to the outbox; same input, same bytes."""
-    source = [read_header(p) for p in manifest.files]
-    sop_uids = [str(ds.SOPInstanceUID) for ds in source]
     outbox = ctx.layout.job_dir(manifest.job_id) / "outbox"
     files: list[Path] = []
-    for index, name in enumerate(manifest.models):
-        result = load_result(results_dir(ctx, manifest.job_id) / name)
+    configured = [m.name for m in ctx.settings.models]
+    for item in manifest.inputs:
+        # By the model's place in the configuration, so that every revision keeps its numbers.
+        index = configured.index(item.model) if item.model in configured else len(configured)
+        paths = item.files
+        source = [read_header(p) for p in paths]
+        sop_uids = [str(ds.SOPInstanceUID) for ds in source]
+        position = {path: i for i, path in enumerate(paths)}
+        frames = [(position[f.path], f.index) for f in item.frames]
+        result = load_result(results_dir(ctx, manifest.job_id) / item.model)
         uids = output_uids(manifest.study_uid, sop_uids, result.model)
         seg_path = outbox / f"{uids.seg_instance}.dcm"
         sr_path = outbox / f"{uids.sr_instance}.dcm"
@@ -115,7 +127,9 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
                 result.segments,
                 result.model,
                 uids,
+                frames=frames,
                 series_number=series_number,
+                instance_number=manifest.revision,
                 disclaimer=DISCLAIMER,
             )
             sr = build_sr(
@@ -126,6 +140,7 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
                 result.model,
                 uids,
                 series_number=series_number + 1,
+                instance_number=manifest.revision,
                 disclaimer=DISCLAIMER,
             )
             for ds, path in ((seg, seg_path), (sr, sr_path)):

@@ -48,7 +48,8 @@ def test_forward_path_and_terminal_states() -> None:
     for current, target in itertools.pairwise(path):
         assert allowed(current, target)
     assert not allowed(State.RECEIVING, State.QUEUED)
-    assert not allowed(State.COMPLETE, State.DONE)
+    assert allowed(State.COMPLETE, State.DONE)  # re-opened, but every input unchanged
+    assert not allowed(State.RECEIVING, State.DONE)
     assert not allowed(State.DONE, State.FAILED)
     assert not allowed(State.SKIPPED, State.DONE)
     for state in State:
@@ -140,3 +141,39 @@ def test_schema_creation_is_safe_when_processes_start_together(database_url: str
     finally:
         for d in databases:
             d.dispose()
+
+
+def test_schema_of_an_older_version_gains_the_new_columns(database_url: str) -> None:
+    """A database made before revisions existed is upgraded in place at start."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        for table in ("transition", "instance", "study"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(
+            text(
+                "CREATE TABLE study (id INTEGER PRIMARY KEY, study_uid VARCHAR(64) UNIQUE,"
+                " study_key VARCHAR(16), state VARCHAR(16), reason TEXT, job_id VARCHAR(64),"
+                " attempts INTEGER, instance_count INTEGER, first_arrival TIMESTAMP,"
+                " last_arrival TIMESTAMP, updated_at TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO study VALUES (1, '1.2.3', 'abc', 'done', '', NULL, 0, 1,"
+                " '2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    db = Database(database_url)
+    try:
+        db.create_schema()
+        db.create_schema()  # a second start changes nothing
+        columns = {c["name"] for c in inspect(db.engine).get_columns("study")}
+        assert {"revision", "input_digest", "done_digest"} <= columns
+        study = db.get("1.2.3")
+        assert study is not None
+        assert (study.revision, study.input_digest, study.done_digest) == (0, "", "")
+    finally:
+        db.dispose()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from agent.assembly.policy import Clock, is_complete
+from agent.assembly.rules import select
 from agent.db import (
     IN_FLIGHT,
     ArrivedInstance,
@@ -24,10 +27,10 @@ from agent.db import (
     Superseded,
 )
 from agent.dicom.files import read_header
-from agent.domain import Manifest
-from agent.errors import PermanentError, RetryableError, StudySkipped
-from agent.inference.volume import select_series
+from agent.domain import Manifest, ModelInput
+from agent.errors import PermanentError, RetryableError
 from agent.logs import log_context
+from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import clear_partial_writes, unknown_instances
 from agent.spool.writer import write_atomic
@@ -55,7 +58,7 @@ class Assembler:
         layout: SpoolLayout,
         *,
         quiet_seconds: float,
-        models: tuple[str, ...],
+        models: tuple[ModelSettings, ...],
         enqueue: Enqueue,
         clock: Clock,
         tick_seconds: float | None = None,
@@ -175,25 +178,45 @@ class Assembler:
                     expect_state=[State.RECEIVING],
                 )
             headers = _readable_headers(paths)
-            try:
-                files = select_series(headers)
-            except StudySkipped as skip:
-                log.info("study skipped: %s", skip.reason)
-                self._db.transition(study.study_uid, State.SKIPPED, skip.reason)
+            choices = select(headers, self._models)
+            inputs = tuple(c.input for c in choices if c.input is not None)
+            if not inputs:
+                reason = "; ".join(c.reason for c in choices)
+                log.info("study skipped: %s", reason)
+                self._db.transition(study.study_uid, State.SKIPPED, reason)
                 return
+            for choice in choices:
+                if choice.input is None:
+                    log.info("model not run: %s", choice.reason)
+            digest = input_digest(inputs, headers)
+            if digest == study.done_digest:
+                # Late arrivals outside every model's input (an SR, a re-sent instance):
+                # the results already sent stand, and nothing new is produced.
+                self._db.transition(
+                    study.study_uid,
+                    State.DONE,
+                    f"input unchanged; results of revision {study.revision} stand",
+                    expect_state=[State.COMPLETE],
+                )
+                log.info("study complete again with an unchanged input; nothing to do")
+                return
+            revision = study.revision if digest == study.input_digest else study.revision + 1
+            revision = max(revision, 1)
             job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
-            series_uid = str(headers[files[0]].SeriesInstanceUID)
-            manifest = Manifest(job_id, study.study_uid, series_uid, self._models, files)
+            manifest = Manifest(job_id, study.study_uid, inputs, revision)
             manifest_path = self._layout.manifest_path(job_id)
             write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
+            summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
             self._db.transition(
                 study.study_uid,
                 State.QUEUED,
-                f"series of {len(files)} slices",
+                summary,
                 job_id=job_id,
                 expect_state=[State.COMPLETE],
+                input_digest=digest,
+                revision=revision,
             )
-            log.info("study complete: %d slices selected, job %s", len(files), job_id)
+            log.info("study complete: %s, revision %d, job %s", summary, revision, job_id)
             self._send(study.study_uid, study.study_key, job_id)
 
     def _send(self, study_uid: str, key: str, job_id: str) -> bool:
@@ -216,6 +239,19 @@ class Assembler:
     def _db_reason_is_waiting(self, study_uid: str) -> bool:
         study = self._db.get(study_uid)
         return study is not None and study.reason.startswith(WAITING_FOR_BROKER)
+
+
+def input_digest(inputs: Sequence[ModelInput], headers: Mapping[Path, Dataset]) -> str:
+    """What the results derive from: each model and the SOP Instances (and frames) it reads.
+
+    Equal digests mean equal output UIDs (agent.dicom.uids), so an equal input is never given
+    a new revision number: one SOP Instance UID must not name two different objects.
+    """
+    digest = hashlib.sha256()
+    for item in sorted(inputs, key=lambda i: i.model):
+        refs = sorted(f"{headers[f.path].SOPInstanceUID}:{f.index}" for f in item.frames)
+        digest.update(json.dumps([item.model, refs]).encode())
+    return digest.hexdigest()
 
 
 def _readable_headers(paths: list[Path]) -> dict[Path, Dataset]:

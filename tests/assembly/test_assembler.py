@@ -18,8 +18,15 @@ from agent.assembly.assembler import WAITING_FOR_BROKER, Assembler
 from agent.db import ArrivedInstance, Database, State
 from agent.domain import Manifest
 from agent.errors import RetryableError
+from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from tests.support.data import dicom_files, shared_data
+from tests.support.foreign import (
+    FOREIGN_WRITERS,
+    PRIVATE_SOP_CLASS,
+    write_localizer,
+    write_text_sr,
+)
 from tests.support.phantom import write_phantom_series
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -61,7 +68,7 @@ def rig(tmp_path: Path) -> Rig:
     db.create_schema()
     clock, recorder = FakeClock(), Recorder()
     assembler = Assembler(
-        db, layout, quiet_seconds=30, models=("ct-tissue",), enqueue=recorder, clock=clock
+        db, layout, quiet_seconds=30, models=(ModelSettings(),), enqueue=recorder, clock=clock
     )
     return Rig(assembler, db, layout, clock, recorder)
 
@@ -106,10 +113,12 @@ def test_study_is_sealed_only_after_quiet_period(rig: Rig, tmp_path: Path) -> No
     assert job_id == study.job_id
     manifest = Manifest.from_json(manifest_path.read_text())
     assert manifest.study_uid == truth.study_uid
-    assert manifest.series_uid == truth.series_uid
+    (item,) = manifest.inputs
+    assert item.series_uid == truth.series_uid
     assert manifest.models == ("ct-tissue",)
+    assert manifest.revision == 1
     # Slice order, not arrival or file-name order.
-    sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in manifest.files]
+    sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in item.files]
     assert sops == list(truth.sop_uids)
 
 
@@ -200,5 +209,76 @@ def test_damaged_instance_is_left_out_not_fatal(
     study = rig.db.get(truth.study_uid)
     assert study is not None and study.state == State.QUEUED
     (_, manifest_path) = rig.recorder.jobs[0]
-    assert len(Manifest.from_json(manifest_path.read_text()).files) == 8
+    assert len(Manifest.from_json(manifest_path.read_text()).inputs[0].frames) == 8
     assert "instance not usable: cannot read 1.2.3.4.dcm" in caplog.text
+
+
+def _finish(rig: Rig, study_uid: str) -> None:
+    """Walk the queued job to done, as the workers would."""
+    study = rig.db.get(study_uid)
+    assert study is not None and study.state == State.QUEUED
+    for state in (State.INFERRING, State.EXPORTING, State.DONE):
+        rig.db.transition(study_uid, state, expect_job=study.job_id)
+
+
+def _late(rig: Rig, files: list[Path], minutes: int) -> None:
+    rig.db.record_arrivals(_spool(rig.layout, files, T0 + timedelta(minutes=minutes)))
+    rig.clock.at = T0 + timedelta(minutes=minutes + 1)
+    rig.assembler.seal_quiet_studies()
+
+
+def test_late_arrival_outside_the_input_produces_nothing_new(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=8, rows=32, cols=32)
+    _late(rig, list(truth.files), 0)
+    _finish(rig, truth.study_uid)
+    assert len(rig.recorder.jobs) == 1
+
+    # A report and a re-sent slice: every model's input is the same.
+    _late(rig, [write_text_sr(tmp_path / "sr", truth.study_uid), truth.files[3]], 10)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.DONE
+    assert study.reason == "input unchanged; results of revision 1 stand"
+    assert study.revision == 1
+    assert len(rig.recorder.jobs) == 1
+
+
+def test_late_slice_gives_a_new_revision(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=9, rows=32, cols=32)
+    _late(rig, list(truth.files[:8]), 0)
+    _finish(rig, truth.study_uid)
+    _late(rig, [truth.files[8]], 10)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED and study.revision == 2
+    first, second = (Manifest.from_json(path.read_text()) for _, path in rig.recorder.jobs)
+    assert (first.revision, second.revision) == (1, 2)
+    assert len(second.inputs[0].frames) == 9
+
+    # Superseded before it finished, then re-sealed with the same input: still revision 2.
+    _late(rig, [truth.files[0]], 20)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED and study.revision == 2
+
+
+def test_foreign_objects_are_listed_and_never_an_input(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=6, rows=32, cols=32)
+    foreign = [write(tmp_path / "other", truth.study_uid) for write in FOREIGN_WRITERS]
+    localizer = write_localizer(tmp_path / "loc", truth.study_uid)
+    _late(rig, [*foreign, localizer, *truth.files], 0)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED
+    ((_, path),) = rig.recorder.jobs
+    (item,) = Manifest.from_json(path.read_text()).inputs
+    assert item.series_uid == truth.series_uid and len(item.frames) == 6
+    contents = rig.db.series_contents(study.id)
+    assert sum(count for _, _, count in contents) == len(foreign) + 1 + 6
+    assert PRIVATE_SOP_CLASS in {sop_class for _, sop_class, _ in contents}
+
+
+def test_study_of_foreign_objects_only_is_skipped(rig: Rig, tmp_path: Path) -> None:
+    study_uid = "1.2.826.0.1.3680043.8.498.1"
+    _late(rig, [write(tmp_path / "other", study_uid) for write in FOREIGN_WRITERS], 0)
+    study = rig.db.get(study_uid)
+    assert study is not None and study.state == State.SKIPPED
+    assert study.reason == (
+        "ct-tissue: no CT series (no image series; other objects: CT, DOC, KO, PR, RTSTRUCT, SR)"
+    )

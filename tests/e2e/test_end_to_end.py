@@ -96,7 +96,7 @@ def _run_scenario(
 
     status = cli("status", "--config", str(agent.config))
     assert status.returncode == 0, status.stderr
-    assert status.stdout.count("done") >= 2 and "skipped (no CT series" in status.stdout
+    assert status.stdout.count("done") >= 2 and "skipped (ct-tissue: no CT series" in status.stdout
     for uid in (ct.study_uid, ph.study_uid, mr.study_uid):
         assert uid not in status.stdout  # study keys only, no identifiers
     logs = agent.log_path.read_text()

@@ -1,4 +1,4 @@
-"""select_series: which series of a study a CT model gets, and in which slice order."""
+"""Series selection with the default ct-tissue rules: which series, and in which slice order."""
 
 from __future__ import annotations
 
@@ -16,11 +16,18 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from agent.assembly.rules import select
 from agent.dicom.files import read_header
 from agent.errors import StudySkipped
-from agent.inference.volume import select_series
+from agent.settings import ModelSettings
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import write_phantom_series
+from tests.support.series import (
+    write_oblique,
+    write_sagittal,
+    write_with_duplicates,
+    write_with_gap,
+)
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # Feet-first supine: rows run to patient right, so the normal points to the feet (-z).
@@ -69,6 +76,14 @@ def ct_series(
         )
         for i, z in enumerate(positions)
     }
+
+
+def select_series(headers: dict[Path, Dataset]) -> tuple[Path, ...]:
+    """The files the default model takes, in slice order; StudySkipped with its reason if none."""
+    (choice,) = select(headers, [ModelSettings()])
+    if choice.input is None:
+        raise StudySkipped(choice.reason)
+    return tuple(f.path for f in choice.input.frames)
 
 
 def other_object(sop_class: str, modality: str) -> Dataset:
@@ -130,11 +145,16 @@ def test_feet_first_slices_are_sorted_along_their_normal() -> None:
     assert z_of(headers, select_series(headers)) == sorted(positions, reverse=True)
 
 
-def test_slightly_tilted_series_is_still_axial() -> None:
-    # Gantry tilt of about 8 degrees: column direction leans into z.
+def test_gantry_tilt_with_positions_along_the_table_is_refused() -> None:
+    # Planes tilted about 8 degrees while the table steps along z: a sheared volume.
     tilted = (1.0, 0.0, 0.0, 0.0, 0.990268, 0.139173)
-    headers = ct_series("s", [0.0, 2.0, 4.0, 6.0], orientation=tilted)
-    assert len(select_series(headers)) == 4
+    with pytest.raises(StudySkipped, match="gantry tilt or shear"):
+        select_series(ct_series("s", [0.0, 2.0, 4.0, 6.0], orientation=tilted))
+
+
+def test_slightly_oblique_stack_along_its_normal_is_axial(tmp_path: Path) -> None:
+    series = write_oblique(tmp_path, slices=6, degrees=8.0)
+    assert len(select_series({p: read_header(p) for p in series.files})) == 6
 
 
 def test_phantom_series_with_shuffled_names_is_sorted(tmp_path: Path) -> None:
@@ -154,9 +174,9 @@ def test_a_copy_of_the_same_instance_is_counted_once() -> None:
 @pytest.mark.parametrize(
     ("positions", "reason"),
     [
-        ([0.0, 2.0, 2.0, 4.0], "duplicate slice positions"),
-        ([0.0, 2.0, 4.0, 7.0, 9.0], "irregular slice spacing"),
-        ([0.0, 2.0], "fewer than 3 slices"),
+        ([0.0, 2.0, 4.0, 6.5, 8.5], "non-uniform slice spacing"),
+        ([0.0, 2.0, 4.0, 8.0, 10.0], "missing slices"),
+        ([0.0, 2.0], "2 slices, fewer than min_slices 3"),
     ],
 )
 def test_unusable_geometry_skips_with_reason(positions: list[float], reason: str) -> None:
@@ -170,40 +190,56 @@ def test_small_gap_jitter_is_regular() -> None:
     assert len(select_series(headers)) == 5
 
 
-def test_a_broken_large_series_falls_back_to_a_usable_one() -> None:
-    headers = {
-        **ct_series("broken", [0.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0], series_number=1),
-        **ct_series("good", [0.0, 1.0, 2.0, 3.0], series_number=2),
-    }
-    assert {p.parent.name for p in select_series(headers)} == {"good"}
+def test_different_images_at_one_position_skip(tmp_path: Path) -> None:
+    series = write_with_duplicates(tmp_path, slices=6, different=[2])
+    with pytest.raises(StudySkipped, match="duplicate slice positions with different images"):
+        select_series({p: read_header(p) for p in series.files})
 
 
-def test_mixed_sizes_in_a_series_skip() -> None:
-    headers = ct_series("s", [0.0, 1.0, 2.0])
-    next(iter(headers.values())).Rows = 32
-    with pytest.raises(StudySkipped, match="Rows/Columns"):
-        select_series(headers)
+def test_exact_copies_are_dropped(tmp_path: Path) -> None:
+    series = write_with_duplicates(tmp_path, slices=6, resent=[1], copies=[4])
+    assert len(select_series({p: read_header(p) for p in series.files})) == 6
 
 
-def test_only_non_axial_ct_skips() -> None:
+def test_a_broken_large_series_falls_back_to_a_usable_one(tmp_path: Path) -> None:
+    broken = write_with_gap(tmp_path / "broken", slices=12, missing=[5])
+    headers = {p: read_header(p) for p in broken.files}
+    good = ct_series("good", [0.0, 1.0, 2.0, 3.0], series_number=2)
+    assert {p.parent.name for p in select_series({**headers, **good})} == {"good"}
+
+
+def test_an_odd_sized_image_in_a_series_is_dropped() -> None:
+    headers = ct_series("s", [0.0, 1.0, 2.0, 3.0])
+    odd = next(iter(headers))
+    headers[odd].Rows = 32
+    files = select_series(headers)
+    assert len(files) == 3 and odd not in files
+
+
+def test_only_non_axial_ct_skips(tmp_path: Path) -> None:
+    series = write_sagittal(tmp_path, slices=5)
     with pytest.raises(StudySkipped) as caught:
-        select_series(ct_series("s", [0.0, 1.0, 2.0], orientation=SAGITTAL))
-    assert caught.value.reason.startswith("no axial single-frame CT series")
+        select_series({p: read_header(p) for p in series.files})
+    assert caught.value.reason == (
+        "ct-tissue: series 1 (CT, 5 instances): sagittal stack, the model takes axial"
+    )
 
 
 def test_mr_study_skips_naming_the_modality() -> None:
     folder = shared_data("pacsman-dummy-mr")
     with pytest.raises(StudySkipped) as caught:
         select_series({p: read_header(p) for p in dicom_files(folder)})
-    assert caught.value.reason == "no CT series (modalities: MR)"
+    assert caught.value.reason == "ct-tissue: no CT series (modalities: MR)"
 
 
-def test_seg_and_multiframe_ct_alone_are_not_selected() -> None:
+def test_multiframe_ct_is_selected_and_a_seg_is_not() -> None:
     seg = shared_data("dcmqi", "liver.dcm")
     multiframe = shared_data("dcmqi", "23x38x3", "multiframe", "mf.dcm")
-    with pytest.raises(StudySkipped) as caught:
-        select_series({p: read_header(p) for p in (seg, multiframe)})
-    assert caught.value.reason.startswith("no axial single-frame CT series")
+    (choice,) = select({p: read_header(p) for p in (seg, multiframe)}, [ModelSettings()])
+    assert choice.input is not None
+    assert [(f.path, f.index) for f in choice.input.frames] == [
+        (multiframe, i) for i in _frame_order(multiframe)
+    ]
 
 
 def test_seg_beside_its_ct_is_ignored() -> None:
@@ -229,3 +265,32 @@ def test_real_ct_is_selected_whole() -> None:
     assert len(selected) == 20
     z = [float(read_header(p).ImagePositionPatient[2]) for p in selected]
     assert z == sorted(z)
+
+
+def _frame_order(path: Path) -> list[int]:
+    """Frame indexes of a multi-frame image sorted along its normal (its frames' positions)."""
+    ds = read_header(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    orientation = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    row, col = orientation[:3], orientation[3:]
+    normal = [
+        row[1] * col[2] - row[2] * col[1],
+        row[2] * col[0] - row[0] * col[2],
+        row[0] * col[1] - row[1] * col[0],
+    ]
+    along = [
+        sum(
+            n * float(p)
+            for n, p in zip(normal, item.PlanePositionSequence[0].ImagePositionPatient, strict=True)
+        )
+        for item in ds.PerFrameFunctionalGroupsSequence
+    ]
+    return sorted(range(len(along)), key=along.__getitem__)
+
+
+def test_unreadable_duplicate_makes_the_series_unusable_not_the_assembler(tmp_path: Path) -> None:
+    series = write_with_duplicates(tmp_path, slices=6, different=[2])
+    headers = {p: read_header(p) for p in series.files}
+    series.files[-1].write_bytes(b"gone")  # truncated after its header was read
+    with pytest.raises(StudySkipped, match="cannot read"):
+        select_series(headers)

@@ -1,0 +1,80 @@
+"""`pacs-agent rules test`: which model would take each series of some DICOM files, and why not."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from agent.assembly.rules import Series, choose, describe
+from agent.dicom.files import read_header
+from agent.errors import PermanentError
+from agent.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+def dicom_files(root: Path) -> Iterator[Path]:
+    """`root` itself if it is a file, else every file below it (any name), sorted."""
+    if root.is_file():
+        yield root
+        return
+    if not root.is_dir():
+        raise PermanentError(f"{root}: no such file or folder")
+    yield from sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def read_headers(root: Path) -> tuple[dict[Path, Dataset], list[str]]:
+    """Headers of every DICOM file under root, and one line per file that is not DICOM."""
+    headers: dict[Path, Dataset] = {}
+    unreadable: list[str] = []
+    for path in dicom_files(root):
+        try:
+            headers[path] = read_header(path)
+        except PermanentError as exc:
+            unreadable.append(str(exc))
+    return headers, unreadable
+
+
+def _sop_classes(series: Series) -> str:
+    parts = []
+    for uid, count in sorted(series.sop_classes.items()):
+        name = UID(uid).name if uid else "no SOP class"
+        parts.append(f"{count} x {name}")
+    return ", ".join(parts)
+
+
+def report(root: Path, models: Sequence[ModelSettings]) -> list[str]:
+    """The lines `rules test` prints: per series its content, stacks and each model's verdict."""
+    headers, unreadable = read_headers(root)
+    lines = [f"{len(headers)} DICOM files in {root}"]
+    lines += [f"  not DICOM: {line}" for line in unreadable[:10]]
+    if len(unreadable) > 10:
+        lines.append(f"  ... and {len(unreadable) - 10} more files that are not DICOM")
+    all_series = describe(headers)
+    choices = {m.name: choose(m, all_series) for m in models}
+    for series in sorted(all_series, key=lambda s: (s.number is None, s.number or 0)):
+        description = f" {series.description!r}" if series.description else ""
+        lines.append(f"{series.label()}{description}: {_sop_classes(series)}")
+        for stack in series.stacks:
+            notes = f"; {'; '.join(stack.notes)}" if stack.notes else ""
+            dz, dy, dx = stack.spacing
+            lines.append(
+                f"  stack: {len(stack.frames)} {stack.orientation} slices,"
+                f" {dz:.3g} x {dy:.3g} x {dx:.3g} mm{notes}"
+            )
+        for name, choice in choices.items():
+            verdict = next(v for v in choice.verdicts if v.series is series)
+            if verdict.stack is None:
+                lines.append(f"  {name}: no: {verdict.reason}")
+            elif choice.input is not None and choice.input.series_uid == series.series_uid:
+                lines.append(f"  {name}: TAKES this series ({len(verdict.stack.frames)} slices)")
+            else:
+                lines.append(f"  {name}: fits, but a larger series is taken")
+    for name, choice in choices.items():
+        if choice.input is None:
+            lines.append(f"{name} would not run: {choice.reason}")
+    return lines
