@@ -18,6 +18,7 @@ from tests.support.foreign import write_key_objects, write_localizer, write_pdf,
 from tests.support.orthanc import Orthanc
 from tests.support.phantom import write_phantom_series
 from tests.support.ports import free_port
+from tests.support.series import Series, write_enhanced_ct
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +138,45 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
         }
         assert truth.sop_uids[40] in refs
         assert agent.stop() == 0
+
+
+def test_enhanced_ct_gives_a_seg_on_its_frames(orthanc: Orthanc, tmp_path: Path) -> None:
+    """One Enhanced CT instance, frames stored out of slice order, in and SEG + SR out."""
+    truth = write_phantom_series(tmp_path / "ct", slices=40, rows=128, cols=128, pixel_spacing=3.0)
+    first = pydicom.dcmread(truth.files[0], stop_before_pixels=True)
+    source = Series(truth.study_uid, truth.series_uid, str(first.FrameOfReferenceUID), truth.files)
+    enhanced = write_enhanced_ct(tmp_path / "enhanced.dcm", source)
+    header = pydicom.dcmread(enhanced, stop_before_pixels=True)
+    port = free_port()
+    config = write_config(
+        tmp_path / "agent",
+        port=port,
+        quiet_seconds=2,
+        destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
+    )
+    with agent_database(config) as db, AgentProcess(config, "serve") as agent:
+        agent.wait_listening(port)
+        storescu([enhanced], port=port, called_aet="PACS_AGENT")
+        done = wait_for_study(
+            db, truth.study_uid, {State.DONE, State.FAILED, State.SKIPPED}, DEADLINE, agent.log_tail
+        )
+        assert done.state == State.DONE, f"{done.reason}\n{agent.log_tail()}"
+        assert agent.stop() == 0
+    sop = str(header.SOPInstanceUID)
+    out = fetch_outputs(
+        orthanc, truth.study_uid, str(header.SeriesInstanceUID), {sop}, tmp_path / "out"
+    )
+    # Every SEG frame lies where the Enhanced CT frame it references lies.
+    positions = {
+        number: [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        for number, item in enumerate(header.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    for item in out.seg.PerFrameFunctionalGroupsSequence:
+        (derivation,) = item.DerivationImageSequence
+        (ref,) = derivation.SourceImageSequence
+        assert ref.ReferencedSOPInstanceUID == sop
+        at = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        assert at == pytest.approx(positions[int(ref.ReferencedFrameNumber)])
+    volumes = out.seg_volumes_ml()
+    for label, expected in truth.volumes_ml.items():
+        assert volumes[label] == pytest.approx(expected, rel=0.05), label
