@@ -1,20 +1,19 @@
-"""Header values SEG and SR share: IHE AIR provenance, times, descriptions, character set."""
+"""Header values SEG and SR share: IHE AIR provenance, equipment, times and descriptions."""
 
 from __future__ import annotations
 
 import copy
 import datetime
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
-from pydicom.charset import custom_encoders, python_encoding
-from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, TM
 
 from agent import __version__
 from agent.dicom.codes import IHE_CODING_SCHEME, PROCESSING_ALGORITHM
 from agent.domain import ModelIdentity
+from agent.encode.charset import output_character_set
 from agent.errors import PermanentError
 
 # General Equipment (PS3.3 C.7.5.1) and Enhanced General Equipment (C.7.5.2) describe the
@@ -32,29 +31,6 @@ _FALLBACK_TIMESTAMP = datetime.datetime(1970, 1, 1)
 
 _LO_MAX = 64  # PS3.5 6.2: LO is at most 64 characters.
 
-# Unicode in UTF-8 (PS3.3 C.12.1.1.2, Table C.12-5) encodes any text. highdicom builds with it
-# (its own check rejects valid values such as "\ISO 2022 IR 87" and "ISO 2022 IR 149"), and
-# `stamp_instance` then sets the value that the finished object is written with.
-BUILD_CHARACTER_SET = "ISO_IR 192"
-# PS3.3 C.12.1.1.2 defined terms that pydicom can also write: single-valued without code
-# extensions (Tables C.12-2, C.12-5), and the terms with code extensions (C.12-3, C.12-4).
-_STAND_ALONE = frozenset(
-    {
-        *(f"ISO_IR {n}" for n in (13, 100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 192)),
-        "GB18030",
-        "GBK",
-    }
-) & frozenset(python_encoding)
-_SINGLE_BYTE_EXTENSIONS = frozenset(
-    f"ISO 2022 IR {n}" for n in (6, 13, 100, 101, 109, 110, 126, 127, 138, 144, 148, 166)
-) & frozenset(python_encoding)
-# pydicom 3.0 keeps the escape sequences of ISO 2022 IR 58 text in the decoded value and
-# writes them back as read: keeping the source's value (rather than UTF-8) keeps its bytes.
-_MULTI_BYTE_EXTENSIONS = frozenset(f"ISO 2022 IR {n}" for n in (58, 87, 149, 159))
-# The default repertoire (PS3.5 6.1.2.1) is ASCII; pydicom reads it permissively as Latin-1.
-_DEFAULT_REPERTOIRE = ("", "ISO 2022 IR 6")
-# Value representations whose text Specific Character Set governs (PS3.5 6.1.2.3).
-_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 # highdicom checks these source values, quoting them in warnings and errors (logs): it gets
 # them empty, and `stamp_instance` restores the source's elements unchanged.
 _RESTORED = ("PatientName", "PatientBirthDate")
@@ -142,7 +118,7 @@ def stamp_instance(
     Name and Birth Date are restored from the source as received (see `highdicom_source`). The
     Contributing Equipment item for the model is appended because highdicom only accepts
     purposes from CID 7005, and AIR's purpose is not among them. Specific Character Set is
-    set as `output_character_set` decides.
+    set as `charset.output_character_set` decides.
     """
     instance.InstanceCreationDate = _da(when)
     instance.InstanceCreationTime = _tm(when)
@@ -166,25 +142,6 @@ def stamp_instance(
         instance.pop("SpecificCharacterSet", None)
     else:
         instance.SpecificCharacterSet = terms[0] if len(terms) == 1 else terms
-
-
-def output_character_set(instance: Dataset, source: Dataset) -> list[str]:
-    """The Specific Character Set values to write `instance` with; [] for the default repertoire.
-
-    The source's own value where it is a valid PS3.3 C.12.1.1.2 value and every text value
-    of `instance` (copied from the source or ours) can be encoded with it, so the PACS gets
-    the results in the character set of the images; otherwise ISO_IR 192 (UTF-8), which
-    encodes anything. A source that declares nothing yet holds non-ASCII text (an encoding
-    defect that pydicom reads as Latin-1) thus gives UTF-8 objects with the same decoded text.
-
-    Visiting every value also decodes any element still held as raw bytes (pydicom decodes
-    on access), so that pydicom re-encodes it with the chosen character set on writing
-    rather than copying bytes in the source's encoding.
-    """
-    declared = _declared_character_set(source)
-    if declared is not None and all(_encodable(text, declared) for text in _texts(instance)):
-        return declared
-    return [BUILD_CHARACTER_SET]
 
 
 def highdicom_source(first: Dataset) -> Dataset:
@@ -213,55 +170,6 @@ def check_instance_number(value: int) -> None:
     """PermanentError unless `value` can be an Instance Number: 1 to 2**31 - 1 (IS, PS3.5 6.2)."""
     if not 1 <= value < 2**31:
         raise PermanentError(f"instance number (revision) must be 1 to 2**31 - 1, got {value}")
-
-
-def _declared_character_set(source: Dataset) -> list[str] | None:
-    """The source's Specific Character Set as a list, or None if it is not a valid value."""
-    raw = source.get("SpecificCharacterSet")
-    values = [raw] if raw is None or isinstance(raw, str) else list(raw)
-    terms = [str(value or "").strip() for value in values]
-    if not any(terms):
-        return []
-    if len(terms) == 1:
-        return terms if terms[0] in _STAND_ALONE | _SINGLE_BYTE_EXTENSIONS else None
-    # PS3.3 C.12.1.1.2: with several values, all use code extensions (ISO 2022), and the
-    # first (empty for ISO 2022 IR 6) is a single-byte set.
-    first_ok = terms[0] in ("", *_SINGLE_BYTE_EXTENSIONS)
-    rest_ok = all(t in _SINGLE_BYTE_EXTENSIONS | _MULTI_BYTE_EXTENSIONS for t in terms[1:])
-    return terms if first_ok and rest_ok else None
-
-
-def _encodable(text: str, terms: Sequence[str]) -> bool:
-    """Whether every character of `text` is in one of the character sets that `terms` name.
-
-    pydicom switches between the sets of a code-extension value as it goes (PS3.5 6.1.2.5),
-    so one of them holding each character is enough.
-    """
-    codecs = ["ascii" if t in _DEFAULT_REPERTOIRE else python_encoding[t] for t in terms or [""]]
-    return all(char.isascii() or any(_has(char, c) for c in codecs) for char in text)
-
-
-def _has(char: str, codec: str) -> bool:
-    # As pydicom encodes: its own encoders where Python's codec is wider than the DICOM set
-    # (ISO_IR 13 is JIS X 0201 alone, not all of Shift JIS).
-    encoder = custom_encoders.get(codec)
-    try:
-        if encoder is not None:
-            encoder(char)
-        else:
-            char.encode(codec)
-    except UnicodeError:
-        return False
-    return True
-
-
-def _texts(instance: Dataset) -> Iterator[str]:
-    """Every text value of `instance` that Specific Character Set governs, nested ones too."""
-    for elem in instance.iterall():
-        if elem.VR not in _TEXT_VRS or elem.value is None:
-            continue
-        values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
-        yield from (str(value) for value in values)
 
 
 def series_description(model: ModelIdentity, kind: str) -> str:
@@ -347,7 +255,6 @@ def content_time(when: datetime.datetime) -> str:
 
 
 __all__ = [
-    "BUILD_CHARACTER_SET",
     "DEVICE_SERIAL_NUMBER",
     "MANUFACTURER",
     "MODEL_NAME",
@@ -359,7 +266,6 @@ __all__ = [
     "contributing_equipment",
     "creation_timestamp",
     "highdicom_source",
-    "output_character_set",
     "series_description",
     "stamp_instance",
 ]

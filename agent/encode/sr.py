@@ -25,7 +25,7 @@ from agent.dicom.codes import (
 )
 from agent.dicom.uids import OutputUids
 from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
-from agent.encode import equipment
+from agent.encode import charset, equipment
 from agent.encode.seg import tracking_uid
 from agent.errors import PermanentError
 
@@ -119,7 +119,7 @@ def build_sr(
         content_date=equipment.content_date(when),
         content_time=equipment.content_time(when),
         coding_schemes=equipment.coding_schemes(),
-        specific_character_set=equipment.BUILD_CHARACTER_SET,
+        specific_character_set=charset.BUILD_CHARACTER_SET,
     )
     equipment.stamp_instance(sr, source, model, when)
     return sr

@@ -9,8 +9,6 @@ spacing).
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
@@ -19,7 +17,16 @@ from statistics import median
 
 import numpy as np
 
-from agent.inference.frames import WEAK_KEYS, Frame, key_keyword, same_pixels
+from agent.inference.frames import Frame
+from agent.inference.pixels import same_pixels
+from agent.inference.stack_keys import (
+    DUPLICATE_TOLERANCE_MM,
+    Candidate,
+    along,
+    join_words,
+    natural_order,
+    split_by_key,
+)
 
 # A normal within this angle of a patient axis names the stack after that axis (sagittal: x,
 # coronal: y, axial: z); further off it is "oblique". 10 degrees keeps a tilted-gantry head CT
@@ -33,8 +40,6 @@ TILT_TOLERANCE_DEG = 0.5
 GAP_FACTOR = 1.5
 # Otherwise each gap may differ from the median by at most this fraction of it.
 SPACING_TOLERANCE = 0.10
-# Two frames closer than this along the normal (mm) occupy the same position.
-DUPLICATE_TOLERANCE_MM = 0.01
 MIN_FRAMES = 2
 # Frames of one stack agree on direction cosines and pixel spacing to this precision; real
 # series repeat the same strings, and 1e-3 (0.06 degrees) absorbs rounding to few digits.
@@ -79,12 +84,6 @@ def _mm(value: float) -> str:
 
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-def _natural(items: Sequence[str]) -> tuple[tuple[int, str], ...]:
-    """A sort key that orders "AcquisitionNumber 10" after "AcquisitionNumber 2"."""
-    parts = (p for item in items for p in re.split(r"(\d+)", item) if p)
-    return tuple((0, f"{int(p):020d}") if p.isdigit() else (1, p) for p in parts)
 
 
 def _orientation_name(normal: np.ndarray) -> str:
@@ -166,69 +165,6 @@ def _geometry_groups(frames: Sequence[Frame]) -> list[list[Frame]]:
     return sorted(groups, key=lambda g: -len(g))
 
 
-def _join(words: Sequence[str]) -> str:
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """Frames of one geometry group and one stack key: one stack, if their positions allow."""
-
-    frames: tuple[Frame, ...]
-    group: int  # index of the geometry group, largest first
-    notes: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        """The stack key items all its frames share."""
-        shared = set(self.frames[0].stack_key).intersection(*(f.stack_key for f in self.frames))
-        return tuple(item for item in self.frames[0].stack_key if item in shared)
-
-
-def _along(frame: Frame, normal: np.ndarray) -> float:
-    return float(normal @ np.asarray(frame.position))
-
-
-def _overlap(parts: Sequence[Sequence[Frame]], normal: np.ndarray) -> bool:
-    """Whether the ranges the parts cover along the normal overlap or touch."""
-    ranges = sorted(
-        (min(_along(f, normal) for f in part), max(_along(f, normal) for f in part))
-        for part in parts
-    )
-    return any(b[0] - a[1] < DUPLICATE_TOLERANCE_MM for a, b in pairwise(ranges))
-
-
-def _split(group: Sequence[Frame], index: int) -> list[_Candidate]:
-    """One geometry group split by stack key: always by the strong items; by the weak ones only
-    where frames of several weak values cover one range of positions (see frames.WEAK_KEYS)."""
-    normal = group[0].normal
-    strong: dict[tuple[str, ...], list[Frame]] = defaultdict(list)
-    for frame in group:
-        strong[tuple(i for i in frame.stack_key if key_keyword(i) not in WEAK_KEYS)].append(frame)
-    candidates: list[_Candidate] = []
-    for _, part in sorted(strong.items(), key=lambda item: _natural(item[0])):
-        weak: dict[tuple[str, ...], list[Frame]] = defaultdict(list)
-        for frame in part:
-            weak[tuple(i for i in frame.stack_key if key_keyword(i) in WEAK_KEYS)].append(frame)
-        if len(weak) == 1:
-            candidates.append(_Candidate(tuple(part), index))
-        elif _overlap(list(weak.values()), normal):
-            candidates += [
-                _Candidate(tuple(frames), index)
-                for _, frames in sorted(weak.items(), key=lambda item: _natural(item[0]))
-            ]
-        else:
-            seen: dict[str, list[str]] = defaultdict(list)
-            for key in weak:
-                for item in key:
-                    seen[key_keyword(item)].append(item)
-            # A keyword varies if it takes several values or is absent from some frames.
-            varying = sorted(k for k, v in seen.items() if len(set(v)) > 1 or len(v) < len(weak))
-            note = f"joined {len(weak)} {_join(varying)} values that cover separate positions"
-            candidates.append(_Candidate(tuple(part), index, (note,)))
-    return candidates
-
-
 def _same_image(a: Frame, b: Frame, compare: PixelComparer) -> bool:
     return (
         all(
@@ -247,7 +183,7 @@ def _dedupe_positions(
     dropped = 0
     conflicts: set[int] = set()
     for frame in ordered:
-        if kept and _along(frame, normal) - _along(kept[-1], normal) < DUPLICATE_TOLERANCE_MM:
+        if kept and along(frame, normal) - along(kept[-1], normal) < DUPLICATE_TOLERANCE_MM:
             if _same_image(kept[-1], frame, compare):
                 dropped += 1
             else:
@@ -296,7 +232,7 @@ def _shear(frames: Sequence[Frame], normal: np.ndarray) -> Rejected | None:
 
 def _slice_spacing(frames: Sequence[Frame], normal: np.ndarray) -> float | Rejected:
     """The median gap along the normal, if no slice is missing and the gaps are uniform."""
-    gaps = np.diff([_along(f, normal) for f in frames])
+    gaps = np.diff([along(f, normal) for f in frames])
     spacing = float(np.median(gaps))
     missing = np.flatnonzero(gaps > GAP_FACTOR * spacing)
     if missing.size:
@@ -337,7 +273,7 @@ def _order_note(frames: Sequence[Frame]) -> str | None:
 def _build(frames: Sequence[Frame], compare: PixelComparer) -> Stack | Rejected:
     """Sort the frames of one candidate along its normal and check that they form a volume."""
     normal = frames[0].normal
-    ordered = sorted(frames, key=lambda f: (_along(f, normal), str(f.path), f.index))
+    ordered = sorted(frames, key=lambda f: (along(f, normal), str(f.path), f.index))
     got = _dedupe_positions(ordered, normal, compare)
     if isinstance(got, Rejected):
         return got
@@ -371,7 +307,7 @@ def _build(frames: Sequence[Frame], compare: PixelComparer) -> Stack | Rejected:
     )
 
 
-def _describe(candidate: _Candidate, candidates: Sequence[_Candidate]) -> str:
+def _describe(candidate: Candidate, candidates: Sequence[Candidate]) -> str:
     """What tells one candidate apart from the others of its series."""
     common = set(candidate.key).intersection(*(c.key for c in candidates))
     parts = [item for item in candidate.key if item not in common]
@@ -388,7 +324,7 @@ def gate(
     """All usable stacks of one series (largest first), or the specific reason there is none.
 
     `compare` tells whether two frames at one position hold the same pixels; by default it
-    reads them from their files (frames.same_pixels), only for frames that share a position.
+    reads them from their files (pixels.same_pixels), only for frames that share a position.
     """
     if not frames:
         return Rejected("no image frames")
@@ -408,18 +344,18 @@ def gate(
             f"no {MIN_FRAMES} frames{besides} share one orientation, size and pixel spacing "
             f"({_plural(len(rest), 'frame')})"
         )
-    candidates: list[_Candidate] = []
+    candidates: list[Candidate] = []
     for index, group in enumerate(groups):
         if len(group) >= MIN_FRAMES:
-            candidates += _split(group, index)
+            candidates += split_by_key(group, index)
             continue
-        other = _join(_differences(group[0], groups[0][0]))
+        other = join_words(_differences(group[0], groups[0][0]))
         notes.append(f"dropped {_plural(len(group), _units(group))} of another {other}")
     built = sorted(
         ((c, _build(c.frames, compare)) for c in candidates), key=lambda cb: -len(cb[0].frames)
     )
     largest = max((len(c.frames) for c, s in built if isinstance(s, Stack)), default=0)
-    stacks: list[tuple[_Candidate, Stack]] = []
+    stacks: list[tuple[Candidate, Stack]] = []
     for candidate, result in built:
         if isinstance(result, Stack):
             stacks.append((candidate, result))
@@ -431,7 +367,7 @@ def gate(
             # A stack at least as large as every good one is broken: the series is.
             return Rejected(f"{label}: {result.reason}")
         notes.append(f"dropped {label}: {result.reason}")
-    stacks.sort(key=lambda cs: (-len(cs[1].frames), cs[0].group, _natural(cs[0].key)))
+    stacks.sort(key=lambda cs: (-len(cs[1].frames), cs[0].group, natural_order(cs[0].key)))
     kept = [c for c, _ in stacks]
     return [
         replace(

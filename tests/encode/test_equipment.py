@@ -8,12 +8,12 @@ import pytest
 from pydicom import Dataset, config
 
 from agent.domain import ModelIdentity
+from agent.encode.charset import output_character_set
 from agent.encode.equipment import (
     check_instance_number,
     contributing_equipment,
     creation_timestamp,
     highdicom_source,
-    output_character_set,
     series_description,
 )
 from agent.errors import PermanentError

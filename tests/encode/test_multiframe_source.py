@@ -15,7 +15,8 @@ from pydicom import Dataset
 from pydicom.uid import EnhancedCTImageStorage
 
 from agent.dicom.uids import derive_uid, output_uids
-from agent.encode.seg import build_seg, verify_frames
+from agent.encode.frames import verify_frames
+from agent.encode.seg import build_seg
 from agent.encode.sr import build_sr
 from agent.errors import PermanentError
 from tests.encode import (

@@ -16,7 +16,8 @@ from pydicom.uid import (
 )
 
 from agent.errors import PermanentError
-from agent.inference.frames import IMAGE_SOP_CLASSES, Frame, frames_of, key_keyword, same_pixels
+from agent.inference.frames import IMAGE_SOP_CLASSES, Frame, frames_of, key_keyword
+from agent.inference.pixels import same_pixels
 from tests.support.data import shared_data
 from tests.support.series import (
     AXIAL,
