@@ -62,6 +62,13 @@ def _run_worker(app: Celery, settings: Settings, queues: list[str], name: str) -
     worker.start()
 
 
+def _warm_decoders() -> None:
+    """Start the pixel-decoding processes now, not in the first study's inference time."""
+    from agent.inference.decode import warm_pool
+
+    warm_pool()
+
+
 def cmd_serve(settings: Settings) -> int:
     from agent.assembly.assembler import Assembler
     from agent.assembly.policy import SystemClock
@@ -89,6 +96,7 @@ def cmd_serve(settings: Settings) -> int:
     try:
         if settings.queue.embedded:
             log.info("embedded worker on the in-memory broker")
+            _warm_decoders()  # the receiver is already listening
             _run_worker(app, settings, ["gpu", "io"], "serve")
         else:
             _wait_for_signal()
@@ -123,6 +131,8 @@ def cmd_worker(settings: Settings, queue: str) -> int:
     ctx = _context(settings)
     app = create_app(settings, lambda: ctx)
     queues = ["gpu", "io"] if queue == "all" else [queue]
+    if "gpu" in queues:
+        _warm_decoders()
     _run_worker(app, settings, queues, f"worker-{queue}")
     return EXIT_OK
 

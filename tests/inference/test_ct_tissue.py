@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from pydicom.uid import UID
 
-from agent.dicom.files import read_header
 from agent.domain import Code
 from agent.inference.models import ct_tissue
 from agent.inference.models.ct_tissue import DISCLAIMER, IDENTITY, SEGMENTS, CtTissueModel
 from agent.inference.runner import run_model
-from agent.inference.volume import Volume, load_volume, select_series
+from agent.inference.volume import Volume
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import (
     PhantomTruth,
@@ -25,6 +23,7 @@ from tests.support.phantom import (
     truth_volumes_ml,
     write_phantom_series,
 )
+from tests.support.volumes import load_files
 
 CPU = torch.device("cpu")
 
@@ -32,13 +31,13 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomTruth, Volume]:
     truth = write_phantom_series(tmp_path_factory.mktemp("phantom"))
-    return truth, load_volume(truth.files)
+    return truth, load_files(truth.files)
 
 
 @pytest.fixture(scope="module")
 def real_ct() -> Volume:
     files = dicom_files(shared_data("ct-siemens-j2k"))
-    return load_volume(select_series({p: read_header(p) for p in files}))
+    return load_files(files)
 
 
 def test_identity_and_segments_are_as_published() -> None:
@@ -108,14 +107,13 @@ def test_empty_and_tiny_volumes_give_empty_masks() -> None:
     air = Volume(
         hu=np.full((3, 8, 8), -1000.0, dtype=np.float32),
         spacing=(1.0, 1.0, 1.0),
-        files=(),
-        headers=(),
     )
     masks = CtTissueModel().predict(air, CPU)
     assert masks.shape == (5, 3, 8, 8)
     assert not masks.any()
     one_slice = Volume(
-        hu=np.full((1, 4, 4), 40.0, dtype=np.float32), spacing=(1.0, 1.0, 1.0), files=(), headers=()
+        hu=np.full((1, 4, 4), 40.0, dtype=np.float32),
+        spacing=(1.0, 1.0, 1.0),
     )
     masks = CtTissueModel().predict(one_slice, CPU)
     assert masks[0].all() and masks[4].all()
@@ -127,7 +125,7 @@ def test_body_excludes_table_and_thin_blanket() -> None:
     hu[:, 90, :] = 300.0  # the table: a 4.5 mm shell below the patient
     hu[:, 4, :] = 40.0  # a blanket fold: one row, above the patient
     hu[:, 4:40, 48] = 40.0  # ... that touches the skin through a thin strand
-    volume = Volume(hu=hu, spacing=(5.0, 4.5, 4.5), files=(), headers=())
+    volume = Volume(hu=hu, spacing=(5.0, 4.5, 4.5))
     masks = CtTissueModel().predict(volume, CPU)
     expected = truth_volumes_ml(labels, 1.0)["Body"]  # in voxels
     assert int(masks[0].sum()) == pytest.approx(expected, rel=0.01)
@@ -192,10 +190,10 @@ def test_speed_on_a_full_size_ct(anatomy: str) -> None:
     else:
         # The real CT's 20 slices, mirrored back and forth to 300 (no seams along z).
         files = dicom_files(shared_data("ct-siemens-j2k"))
-        real = load_volume(select_series({p: read_header(p) for p in files}))
+        real = load_files(files)
         order = np.concatenate([np.arange(20)[:: 1 if k % 2 == 0 else -1] for k in range(15)])
         hu, spacing = np.ascontiguousarray(real.hu[order]), real.spacing
-    volume = Volume(hu=hu, spacing=spacing, files=(), headers=())
+    volume = Volume(hu=hu, spacing=spacing)
     model = CtTissueModel()
     timings = []
     for _ in range(3):
@@ -209,5 +207,4 @@ def test_speed_on_a_full_size_ct(anatomy: str) -> None:
 
 def test_phantom_volume_is_in_slice_order(phantom: tuple[PhantomTruth, Volume]) -> None:
     truth, volume = phantom
-    assert volume.files == truth.files
-    assert all(isinstance(p, Path) for p in volume.files)
+    assert tuple(r.path for r in volume.frames) == truth.files

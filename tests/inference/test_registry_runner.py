@@ -41,7 +41,7 @@ class FakeModel:
 
 def small_volume() -> Volume:
     hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    return Volume(hu=hu, spacing=(2.0, 0.5, 0.5), files=(), headers=())
+    return Volume(hu=hu, spacing=(2.0, 0.5, 0.5))
 
 
 def test_known_models_are_listed_and_built_once() -> None:
