@@ -21,6 +21,7 @@ from agent.errors import RetryableError
 from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from tests.support.data import dicom_files, shared_data
+from tests.support.encodings import with_unknown_codec
 from tests.support.foreign import (
     FOREIGN_WRITERS,
     PRIVATE_SOP_CLASS,
@@ -281,4 +282,17 @@ def test_study_of_foreign_objects_only_is_skipped(rig: Rig, tmp_path: Path) -> N
     assert study is not None and study.state == State.SKIPPED
     assert study.reason == (
         "ct-tissue: no CT series (no image series; other objects: CT, DOC, KO, PR, RTSTRUCT, SR)"
+    )
+
+
+def test_series_without_a_decoder_ends_skipped_by_name(rig: Rig, tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=4, rows=32, cols=32)
+    for path in truth.files:
+        with_unknown_codec(path, "1.2.840.10008.1.2.4.110", path)  # JPEG XL Lossless
+    _late(rig, list(truth.files), 0)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.SKIPPED
+    assert study.reason == (
+        "ct-tissue: series 1 (CT, 4 instances):"
+        " no decoder for JPEG XL Lossless (1.2.840.10008.1.2.4.110)"
     )
