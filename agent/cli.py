@@ -64,7 +64,7 @@ def _run_worker(app: Celery, settings: Settings, queues: list[str], name: str) -
 
 def _warm_decoders() -> None:
     """Start the pixel-decoding processes now, not in the first study's inference time."""
-    from agent.inference.decode import warm_pool
+    from agent.inference.decode_pool import warm_pool
 
     warm_pool()
 

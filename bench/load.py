@@ -31,14 +31,8 @@ import numpy as np
 import psutil
 import pydicom
 
-from agent.inference.decode import (
-    DecodeItem,
-    decode_frames,
-    decoder_for,
-    default_workers,
-    shutdown_pool,
-    warm_pool,
-)
+from agent.inference.decode import DecodeItem, decode_frames, decoder_for
+from agent.inference.decode_pool import default_workers, shutdown_pool, warm_pool
 from bench.ct_series import write_ct_series
 from tests.support.encodings import (
     BY_LABEL,

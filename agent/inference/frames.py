@@ -1,7 +1,8 @@
 """Read the geometry and pixel transform of each 2-D frame of a CT, MR or PET image instance.
 
 A single-frame image (CT Image, MR Image, PET Image Storage) is one frame; an Enhanced or Legacy
-Converted Enhanced instance has one frame per item of its Per-frame Functional Groups Sequence.
+Converted Enhanced instance has one frame per item of its Per-frame Functional Groups Sequence,
+read by multiframe.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -67,19 +67,6 @@ _SINGLE_FRAME_KEYS = (
     "FrameReferenceTime",
     "ImageType",
 )
-# Dimensions that order frames in space, or that are already in the key under their own name.
-_SKIPPED_DIMENSIONS = frozenset(
-    {
-        "ImagePositionPatient",
-        "InStackPositionNumber",
-        "SliceLocation",
-        "StackID",
-        "TemporalPositionIndex",
-        "EffectiveEchoTime",
-        "DiffusionBValue",
-        "DiffusionGradientOrientation",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -129,7 +116,8 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _key_item(keyword: str, value: Any) -> str | None:
+def key_item(keyword: str, value: Any) -> str | None:
+    """One stack key item, "<keyword> <value>", or None where the value is absent or empty."""
     text = "" if value is None else _text(value)
     return f"{keyword} {text}" if text else None
 
@@ -160,7 +148,8 @@ def _optional_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _optional_int(value: Any) -> int | None:
+def optional_int(value: Any) -> int | None:
+    """An integer attribute's value, or None where it is absent or not a number."""
     try:
         return None if value is None or value == "" else int(value)
     except (TypeError, ValueError):
@@ -179,7 +168,8 @@ def _orientation_problem(orientation: Sequence[float]) -> str | None:
     return None
 
 
-def _strings(value: Any) -> tuple[str, ...]:
+def strings(value: Any) -> tuple[str, ...]:
+    """The values of a (multi-valued) string attribute; () where it is absent."""
     if value is None or value == "":
         return ()
     if isinstance(value, str):
@@ -188,7 +178,7 @@ def _strings(value: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class _Header:
+class Header:
     """The attributes of one frame, gathered from wherever its instance keeps them."""
 
     position: Any
@@ -202,7 +192,8 @@ class _Header:
     gantry_tilt: Any
 
 
-def _frame(path: Path, ds: Dataset, index: int, header: _Header) -> Frame | str:
+def frame(path: Path, ds: Dataset, index: int, header: Header) -> Frame | str:
+    """Frame `index` of `ds` from its gathered `header`, or why its geometry is unusable."""
     position = _floats(header.position, 3, "ImagePositionPatient")
     if isinstance(position, str):
         return position
@@ -233,7 +224,7 @@ def _frame(path: Path, ds: Dataset, index: int, header: _Header) -> Frame | str:
         intercept=0.0 if intercept is None else intercept,
         thickness=_optional_float(header.thickness),
         stack_key=header.stack_key,
-        instance_number=_optional_int(ds.get("InstanceNumber")),
+        instance_number=optional_int(ds.get("InstanceNumber")),
         image_type=header.image_type,
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         gantry_tilt=_optional_float(header.gantry_tilt),
@@ -243,22 +234,25 @@ def _frame(path: Path, ds: Dataset, index: int, header: _Header) -> Frame | str:
 def frames_of(path: Path, ds: Dataset) -> list[Frame] | str:
     """The frames of one image instance (header read without pixel data), or why it has none
     usable (a specific reason: 'missing ImagePositionPatient', 'not an image (SOP class ...)')."""
+    # Imported here, not at the top: multiframe imports Frame and its builder from here.
+    from agent.inference.multiframe import multi_frames
+
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in IMAGE_SOP_CLASSES:
         return f"not an image (SOP class {UID(sop_class).name if sop_class else 'missing'})"
-    rows, columns = _optional_int(ds.get("Rows")), _optional_int(ds.get("Columns"))
+    rows, columns = optional_int(ds.get("Rows")), optional_int(ds.get("Columns"))
     if rows is None or columns is None or rows <= 0 or columns <= 0:
         return "missing or invalid Rows/Columns"
-    samples = _optional_int(ds.get("SamplesPerPixel"))
+    samples = optional_int(ds.get("SamplesPerPixel"))
     if samples not in (None, 1):
         return f"not a grayscale image (SamplesPerPixel {samples})"
     if sop_class in MULTI_FRAME_SOP_CLASSES:
-        return _multi_frames(path, ds)
-    count = _optional_int(ds.get("NumberOfFrames"))
+        return multi_frames(path, ds)
+    count = optional_int(ds.get("NumberOfFrames"))
     if count not in (None, 1):
         return f"NumberOfFrames {count} in a single-frame SOP class"
-    key = (_key_item(keyword, ds.get(keyword)) for keyword in _SINGLE_FRAME_KEYS)
-    header = _Header(
+    key = (key_item(keyword, ds.get(keyword)) for keyword in _SINGLE_FRAME_KEYS)
+    header = Header(
         position=ds.get("ImagePositionPatient"),
         orientation=ds.get("ImageOrientationPatient"),
         pixel_spacing=ds.get("PixelSpacing"),
@@ -266,102 +260,8 @@ def frames_of(path: Path, ds: Dataset) -> list[Frame] | str:
         slope=ds.get("RescaleSlope"),
         intercept=ds.get("RescaleIntercept"),
         stack_key=tuple(item for item in key if item is not None),
-        image_type=_strings(ds.get("ImageType")),
+        image_type=strings(ds.get("ImageType")),
         gantry_tilt=ds.get("GantryDetectorTilt"),
     )
-    got = _frame(path, ds, 0, header)
+    got = frame(path, ds, 0, header)
     return got if isinstance(got, str) else [got]
-
-
-def _macro(groups: Dataset | None, shared: Dataset, sequence: str) -> Dataset | None:
-    """The item of a functional group macro, per-frame before shared (PS3.3 C.7.6.16.1)."""
-    for source in (groups, shared):
-        items = None if source is None else source.get(sequence)
-        if items:
-            item: Dataset = items[0]
-            return item
-    return None
-
-
-def _get(item: Dataset | None, keyword: str) -> Any:
-    return None if item is None else item.get(keyword)
-
-
-def _dimension_keywords(ds: Dataset) -> list[str]:
-    """The keyword each DimensionIndexValues entry points at (PS3.3 C.7.6.17.1)."""
-    keywords = []
-    for item in ds.get("DimensionIndexSequence") or ():
-        pointer = item.get("DimensionIndexPointer")
-        keywords.append("" if pointer is None else keyword_for_tag(pointer) or str(pointer))
-    return keywords
-
-
-def _frame_type(groups: Dataset, shared: Dataset) -> tuple[str, ...]:
-    for sequence in (
-        "CTImageFrameTypeSequence",
-        "MRImageFrameTypeSequence",
-        "PETFrameTypeSequence",
-    ):
-        item = _macro(groups, shared, sequence)
-        if item is not None:
-            return _strings(item.get("FrameType"))
-    return ()
-
-
-def _multi_frame_key(groups: Dataset, shared: Dataset, dimensions: Sequence[str]) -> list[str]:
-    content = _macro(groups, shared, "FrameContentSequence")
-    echo = _macro(groups, shared, "MREchoSequence")
-    diffusion = _macro(groups, shared, "MRDiffusionSequence")
-    direction = _macro(diffusion, Dataset(), "DiffusionGradientDirectionSequence")
-    key = [
-        _key_item("StackID", _get(content, "StackID")),
-        _key_item("TemporalPositionIndex", _get(content, "TemporalPositionIndex")),
-        _key_item("EffectiveEchoTime", _get(echo, "EffectiveEchoTime")),
-        _key_item("DiffusionBValue", _get(diffusion, "DiffusionBValue")),
-        _key_item("DiffusionGradientOrientation", _get(direction, "DiffusionGradientOrientation")),
-    ]
-    values = _get(content, "DimensionIndexValues")
-    if values is not None and values != "":
-        values = [values] if isinstance(values, int) else list(values)
-        for keyword, value in zip(dimensions, values, strict=False):
-            if keyword and keyword not in _SKIPPED_DIMENSIONS:
-                key.append(f"{keyword} index {value}")
-    frame_type = _frame_type(groups, shared)
-    key.append(_key_item("FrameType", frame_type or None))
-    return [item for item in key if item is not None]
-
-
-def _multi_frames(path: Path, ds: Dataset) -> list[Frame] | str:
-    count = _optional_int(ds.get("NumberOfFrames"))
-    if count is None or count < 1:
-        return "missing or invalid NumberOfFrames"
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    if len(per_frame) != count:
-        return f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {count} frames"
-    shared_items = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
-    shared: Dataset = shared_items[0]
-    dimensions = _dimension_keywords(ds)
-    frames: list[Frame] = []
-    for index, groups in enumerate(per_frame):
-        measures = _macro(groups, shared, "PixelMeasuresSequence")
-        transform = _macro(groups, shared, "PixelValueTransformationSequence")
-        header = _Header(
-            position=_get(_macro(groups, shared, "PlanePositionSequence"), "ImagePositionPatient"),
-            orientation=_get(
-                _macro(groups, shared, "PlaneOrientationSequence"), "ImageOrientationPatient"
-            ),
-            pixel_spacing=_get(measures, "PixelSpacing"),
-            thickness=_get(measures, "SliceThickness"),
-            slope=_get(transform, "RescaleSlope"),
-            intercept=_get(transform, "RescaleIntercept"),
-            stack_key=tuple(_multi_frame_key(groups, shared, dimensions)),
-            image_type=_frame_type(groups, shared),
-            gantry_tilt=_get(
-                _macro(groups, shared, "CTAcquisitionDetailsSequence"), "GantryDetectorTilt"
-            ),
-        )
-        got = _frame(path, ds, index, header)
-        if isinstance(got, str):
-            return f"frame {index + 1} of {count}: {got}"
-        frames.append(got)
-    return frames

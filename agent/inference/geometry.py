@@ -20,7 +20,6 @@ import numpy as np
 from agent.inference.frames import Frame
 from agent.inference.pixels import same_pixels
 from agent.inference.stack_keys import (
-    DUPLICATE_TOLERANCE_MM,
     Candidate,
     along,
     join_words,
@@ -36,10 +35,6 @@ ORIENTATION_TOLERANCE_DEG = 10.0
 # the volume is sheared (gantry tilt reconstructed onto untilted planes) and stacking the slices
 # on a rectilinear grid would misplace anatomy by tan(angle) per mm of scan length.
 TILT_TOLERANCE_DEG = 0.5
-# A gap this many times the median spacing means missing slices.
-GAP_FACTOR = 1.5
-# Otherwise each gap may differ from the median by at most this fraction of it.
-SPACING_TOLERANCE = 0.10
 MIN_FRAMES = 2
 # Frames of one stack agree on direction cosines and pixel spacing to this precision; real
 # series repeat the same strings, and 1e-3 (0.06 degrees) absorbs rounding to few digits.
@@ -78,11 +73,13 @@ class Rejected:
     reason: str
 
 
-def _mm(value: float) -> str:
+def mm(value: float) -> str:
+    """A length in mm for a note or reason, to 0.01 mm."""
     return f"{round(value, 2):g}"
 
 
-def _plural(count: int, word: str) -> str:
+def plural(count: int, word: str) -> str:
+    """`count` and `word`, with an s unless count is 1."""
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
@@ -117,7 +114,7 @@ def _drop_repeats(frames: Sequence[Frame]) -> tuple[list[Frame], list[str]] | Re
             conflicts += 1
     if conflicts:
         return Rejected(
-            f"{_plural(conflicts, 'SOP instance')} received twice with different headers"
+            f"{plural(conflicts, 'SOP instance')} received twice with different headers"
         )
     notes = []
     if repeats:
@@ -165,93 +162,6 @@ def _geometry_groups(frames: Sequence[Frame]) -> list[list[Frame]]:
     return sorted(groups, key=lambda g: -len(g))
 
 
-def _same_image(a: Frame, b: Frame, compare: PixelComparer) -> bool:
-    return (
-        all(
-            abs(x - y) < DUPLICATE_TOLERANCE_MM for x, y in zip(a.position, b.position, strict=True)
-        )
-        and (a.slope, a.intercept) == (b.slope, b.intercept)
-        and compare(a, b)
-    )
-
-
-def _dedupe_positions(
-    ordered: Sequence[Frame], normal: np.ndarray, compare: PixelComparer
-) -> tuple[list[Frame], list[str]] | Rejected:
-    """One frame per position: exact copies dropped, different images at one position refused."""
-    kept: list[Frame] = []
-    dropped = 0
-    conflicts: set[int] = set()
-    for frame in ordered:
-        if kept and along(frame, normal) - along(kept[-1], normal) < DUPLICATE_TOLERANCE_MM:
-            if _same_image(kept[-1], frame, compare):
-                dropped += 1
-            else:
-                conflicts.add(len(kept))
-            continue
-        kept.append(frame)
-    if conflicts:
-        return Rejected(
-            "duplicate slice positions with different images at "
-            f"{_plural(len(conflicts), 'position')}"
-        )
-    notes = []
-    if dropped:
-        notes.append(
-            f"dropped {dropped} exact {'duplicate' if dropped == 1 else 'duplicates'} "
-            "(another SOP instance with the same position and pixel data)"
-        )
-    return kept, notes
-
-
-def _shear(frames: Sequence[Frame], normal: np.ndarray) -> Rejected | None:
-    """Refuse positions that do not step along the normal on one straight line."""
-    positions = np.asarray([f.position for f in frames], dtype=np.float64)
-    z = positions @ normal
-    in_plane = positions - np.outer(z, normal)
-    zc = z - z.mean()
-    centred = in_plane - in_plane.mean(axis=0)
-    # Least-squares in-plane drift per mm along the normal: tan of the tilt or shear angle.
-    drift = (zc @ centred) / float(zc @ zc)
-    angle = math.degrees(math.atan(float(np.linalg.norm(drift))))
-    if angle > TILT_TOLERANCE_DEG:
-        tilts = sorted({f.gantry_tilt for f in frames if f.gantry_tilt})
-        stated = f" (GantryDetectorTilt {_mm(tilts[0])})" if len(tilts) == 1 else ""
-        return Rejected(
-            f"gantry tilt or shear of {angle:.1f} degrees: the slice positions step off the "
-            f"slice normal{stated}"
-        )
-    offsets = np.linalg.norm(centred - np.outer(zc, drift), axis=1)
-    worst = float(offsets.max())
-    if worst > 0.5 * min(frames[0].pixel_spacing):
-        return Rejected(
-            f"slice positions are not on one line: in-plane offsets up to {_mm(worst)} mm"
-        )
-    return None
-
-
-def _slice_spacing(frames: Sequence[Frame], normal: np.ndarray) -> float | Rejected:
-    """The median gap along the normal, if no slice is missing and the gaps are uniform."""
-    gaps = np.diff([along(f, normal) for f in frames])
-    spacing = float(np.median(gaps))
-    missing = np.flatnonzero(gaps > GAP_FACTOR * spacing)
-    if missing.size:
-        first = int(missing[0])
-        where = f"after slice {first + 1} of {len(frames)} (median spacing {_mm(spacing)} mm)"
-        if missing.size == 1:
-            return Rejected(f"missing slices: {_mm(float(gaps[first]))} mm gap {where}")
-        largest = float(gaps[missing].max())
-        return Rejected(
-            f"missing slices: {missing.size} gaps of up to {_mm(largest)} mm, the first {where}"
-        )
-    if float(np.abs(gaps - spacing).max()) > SPACING_TOLERANCE * spacing:
-        return Rejected(
-            f"non-uniform slice spacing: gaps from {_mm(float(gaps.min()))} to "
-            f"{_mm(float(gaps.max()))} mm (median {_mm(spacing)} mm)"
-        )
-    return spacing
-
-
 def _order_note(frames: Sequence[Frame]) -> str | None:
     """Say when slice order differs from the order the frames were numbered or stored in."""
     if len({f.sop_uid for f in frames}) == 1:
@@ -272,18 +182,21 @@ def _order_note(frames: Sequence[Frame]) -> str | None:
 
 def _build(frames: Sequence[Frame], compare: PixelComparer) -> Stack | Rejected:
     """Sort the frames of one candidate along its normal and check that they form a volume."""
+    # Imported here, not at the top: positions imports Rejected and PixelComparer from here.
+    from agent.inference.positions import dedupe_positions, shear, slice_spacing
+
     normal = frames[0].normal
     ordered = sorted(frames, key=lambda f: (along(f, normal), str(f.path), f.index))
-    got = _dedupe_positions(ordered, normal, compare)
+    got = dedupe_positions(ordered, normal, compare)
     if isinstance(got, Rejected):
         return got
     kept, notes = got
     if len(kept) < MIN_FRAMES:
         return Rejected(f"fewer than {MIN_FRAMES} slice positions ({len(kept)})")
-    sheared = _shear(kept, normal)
+    sheared = shear(kept, normal)
     if sheared is not None:
         return sheared
-    spacing = _slice_spacing(kept, normal)
+    spacing = slice_spacing(kept, normal)
     if isinstance(spacing, Rejected):
         return spacing
     order = _order_note(kept)
@@ -294,7 +207,7 @@ def _build(frames: Sequence[Frame], compare: PixelComparer) -> Stack | Rejected:
         # The positions are the geometry (PS3.3 C.7.6.2.1.1); the tilt attribute only says how
         # the scanner was set, and here the planes were reconstructed along their own normal.
         notes.append(
-            f"GantryDetectorTilt {_mm(tilts[-1])} degrees, but the slice positions step along "
+            f"GantryDetectorTilt {mm(tilts[-1])} degrees, but the slice positions step along "
             "the slice normal: volume built from the positions"
         )
     row_spacing, column_spacing = kept[0].pixel_spacing
@@ -315,7 +228,7 @@ def _describe(candidate: Candidate, candidates: Sequence[Candidate]) -> str:
         first = candidate.frames[0]
         rows, columns = first.shape
         parts.insert(0, f"{_orientation_name(first.normal)} {rows}x{columns}")
-    return ", ".join(parts) or f"{_plural(len(candidate.frames), 'frame')}"
+    return ", ".join(parts) or f"{plural(len(candidate.frames), 'frame')}"
 
 
 def gate(
@@ -335,14 +248,14 @@ def gate(
     # A localizer is a projection, never a slice of a volume (PS3.3 C.8.2.1.1.1, value 3).
     localizers = [f for f in unique if "LOCALIZER" in f.image_type]
     if localizers:
-        notes.append(f"dropped {_plural(len(localizers), 'localizer ' + _units(localizers))}")
+        notes.append(f"dropped {plural(len(localizers), 'localizer ' + _units(localizers))}")
     rest = [f for f in unique if "LOCALIZER" not in f.image_type]
     groups = _geometry_groups(rest)
     if not groups or len(groups[0]) < MIN_FRAMES:
         besides = " besides localizers" if localizers else ""
         return Rejected(
             f"no {MIN_FRAMES} frames{besides} share one orientation, size and pixel spacing "
-            f"({_plural(len(rest), 'frame')})"
+            f"({plural(len(rest), 'frame')})"
         )
     candidates: list[Candidate] = []
     for index, group in enumerate(groups):
@@ -350,7 +263,7 @@ def gate(
             candidates += split_by_key(group, index)
             continue
         other = join_words(_differences(group[0], groups[0][0]))
-        notes.append(f"dropped {_plural(len(group), _units(group))} of another {other}")
+        notes.append(f"dropped {plural(len(group), _units(group))} of another {other}")
     built = sorted(
         ((c, _build(c.frames, compare)) for c in candidates), key=lambda cb: -len(cb[0].frames)
     )

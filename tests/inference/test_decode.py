@@ -24,16 +24,10 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-import agent.inference.decode as decode_module
+import agent.inference.decode_pool as decode_pool_module
 from agent.errors import PermanentError
-from agent.inference.decode import (
-    DecodeItem,
-    decode_frames,
-    decoder_for,
-    no_decoder_reason,
-    shutdown_pool,
-    warm_pool,
-)
+from agent.inference.decode import DecodeItem, decode_frames, decoder_for, no_decoder_reason
+from agent.inference.decode_pool import shutdown_pool, warm_pool
 from tests.support.data import REPO_ROOT, dicom_files, shared_data
 from tests.support.encodings import (
     BY_LABEL,
@@ -249,9 +243,9 @@ def test_too_little_shared_memory_falls_back_to_one_process(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A worker writing past a full /dev/shm (64 MB in a container) would die of SIGBUS."""
-    monkeypatch.setattr(decode_module, "_shm_room", lambda: 10**6)
+    monkeypatch.setattr(decode_pool_module, "_shm_room", lambda: 10**6)
     files, source = corpus.encoded("ct", BY_LABEL["rle"])
-    with caplog.at_level("WARNING", logger="agent.inference.decode"):
+    with caplog.at_level("WARNING", logger="agent.inference.decode_pool"):
         hu = decode_frames(items_of(files), workers=2)
     np.testing.assert_array_equal(hu, reference(source))
     assert shm_names == []
@@ -378,7 +372,7 @@ def shm_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         names.append(shm.name)
         return shm
 
-    monkeypatch.setattr(decode_module, "SharedMemory", recording)
+    monkeypatch.setattr(decode_pool_module, "SharedMemory", recording)
     return names
 
 
@@ -439,7 +433,7 @@ def test_pool_workers_exit_when_their_parent_is_killed(corpus: Corpus, tmp_path:
     script = textwrap.dedent(
         """
         import sys
-        from agent.inference.decode import warm_pool
+        from agent.inference.decode_pool import warm_pool
 
         if __name__ == "__main__":
             warm_pool(2)
