@@ -73,7 +73,10 @@ def report(root: Path, models: Sequence[ModelSettings]) -> list[str]:
             elif choice.input is not None and choice.input.series_uid == series.series_uid:
                 lines.append(f"  {name}: TAKES this series ({len(verdict.stack.frames)} slices)")
             else:
-                lines.append(f"  {name}: fits, but a larger series is taken")
+                lines.append(
+                    f"  {name}: fits, but another series is taken"
+                    " (more slices, or a lower SeriesNumber)"
+                )
     for name, choice in choices.items():
         if choice.input is None:
             lines.append(f"{name} would not run: {choice.reason}")

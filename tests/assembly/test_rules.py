@@ -145,6 +145,14 @@ def test_series_without_decoder_is_named(tmp_path: Path) -> None:
 
 def test_rules_test_command_explains_every_series(tmp_path: Path) -> None:
     truth = write_phantom_series(tmp_path / "study" / "ct", slices=8, rows=32, cols=32)
+    write_phantom_series(
+        tmp_path / "study" / "small",
+        slices=6,
+        rows=32,
+        cols=32,
+        study_uid=truth.study_uid,
+        series_number=2,
+    )
     write_localizer(tmp_path / "study" / "loc", truth.study_uid)
     write_pdf(tmp_path / "study" / "docs", truth.study_uid)
     (tmp_path / "study" / "README.txt").write_text("not DICOM")
@@ -153,11 +161,12 @@ def test_rules_test_command_explains_every_series(tmp_path: Path) -> None:
     result = cli("rules", "test", str(tmp_path / "study"), "--config", str(config))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "10 DICOM files" in out
+    assert "16 DICOM files" in out
     assert "not DICOM: cannot read README.txt" in out
     assert "series 1 (CT, 8 instances) 'phantom': 8 x CT Image Storage" in out
     assert "stack: 8 axial slices, 2.5 x 1.5 x 1.5 mm" in out
     assert "ct-tissue: TAKES this series (8 slices)" in out
+    assert "ct-tissue: fits, but another series is taken" in out
     assert "ct-tissue: no: ImageType ORIGINAL\\PRIMARY\\LOCALIZER matches exclude" in out
     assert "ct-tissue: no: not an image series (Encapsulated PDF Storage)" in out
     assert "PHANTOM" not in out
