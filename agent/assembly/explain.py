@@ -12,6 +12,7 @@ from pydicom.uid import UID
 from agent.assembly.rules import Series, choose, describe
 from agent.dicom.files import read_header
 from agent.errors import PermanentError
+from agent.logs import study_key
 from agent.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,8 @@ def _sop_classes(series: Series) -> str:
     return ", ".join(parts)
 
 
-def report(root: Path, models: Sequence[ModelSettings]) -> list[str]:
-    """The lines `rules test` prints: per series its content, stacks and each model's verdict."""
-    headers, unreadable = read_headers(root)
-    lines = [f"{len(headers)} DICOM files in {root}"]
-    lines += [f"  not DICOM: {line}" for line in unreadable[:10]]
-    if len(unreadable) > 10:
-        lines.append(f"  ... and {len(unreadable) - 10} more files that are not DICOM")
+def _study_lines(headers: dict[Path, Dataset], models: Sequence[ModelSettings]) -> list[str]:
+    lines: list[str] = []
     all_series = describe(headers)
     choices = {m.name: choose(m, all_series) for m in models}
     for series in sorted(all_series, key=lambda s: (s.number is None, s.number or 0)):
@@ -75,9 +71,26 @@ def report(root: Path, models: Sequence[ModelSettings]) -> list[str]:
             else:
                 lines.append(
                     f"  {name}: fits, but another series is taken"
-                    " (more slices, or a lower SeriesNumber)"
+                    " (most slices first, then the lowest SeriesNumber, then UID)"
                 )
     for name, choice in choices.items():
         if choice.input is None:
             lines.append(f"{name} would not run: {choice.reason}")
+    return lines
+
+
+def report(root: Path, models: Sequence[ModelSettings]) -> list[str]:
+    """The lines `rules test` prints: per study and series, its stacks and each model's verdict."""
+    headers, unreadable = read_headers(root)
+    lines = [f"{len(headers)} DICOM files in {root}"]
+    lines += [f"  not DICOM: {line}" for line in unreadable[:10]]
+    if len(unreadable) > 10:
+        lines.append(f"  ... and {len(unreadable) - 10} more files that are not DICOM")
+    studies: dict[str, dict[Path, Dataset]] = {}
+    for path, ds in headers.items():
+        studies.setdefault(str(ds.get("StudyInstanceUID", "")), {})[path] = ds
+    for study_uid, members in sorted(studies.items(), key=lambda item: study_key(item[0])):
+        # Each study is selected on its own, as the assembler does; named by key, not UID.
+        lines.append(f"study {study_key(study_uid)}: {len(members)} files")
+        lines += [f"  {line}" for line in _study_lines(members, models)]
     return lines
