@@ -53,10 +53,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _PeerErrorFilter(logging.Filter):
+    """One line, not a traceback, for what pynetdicom logs about a misbehaving peer.
+
+    pynetdicom logs each undecodable PDU with its traceback; on a listener that someone scans
+    or fuzzes that is a wall of stack traces per connection. The exception's type and message
+    (PDU bytes and AE titles, never a dataset) stay, on the same line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pynetdicom") and record.exc_info:
+            exc = record.exc_info[1]
+            message, detail = record.getMessage(), f"{type(exc).__name__}: {exc}"
+            record.msg = (detail if message == str(exc) else f"{message} ({detail})")[:500]
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Install one stderr handler on the root logger (called once, by the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
+    handler.addFilter(_PeerErrorFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
