@@ -74,6 +74,8 @@ def cmd_serve(settings: Settings) -> int:
     from agent.assembly.policy import SystemClock
     from agent.queue.app import create_app, enqueuer
     from agent.receive.scp import start_receiver
+    from agent.spool.retention import RetentionSweeper
+    from agent.spool.watermark import Watermark
 
     ctx = _context(settings)
     app = create_app(settings, lambda: ctx)
@@ -87,12 +89,19 @@ def cmd_serve(settings: Settings) -> int:
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
     try:
-        server = start_receiver(settings.receiver, ctx.layout, assembler.submit)
+        server = start_receiver(
+            settings.receiver,
+            ctx.layout,
+            assembler.submit,
+            Watermark.from_settings(settings.spool),
+        )
     except OSError as exc:
         ctx.db.dispose()
         where = f"{settings.receiver.host}:{settings.receiver.port}"
         raise AgentError(f"receiver cannot listen on {where}: {exc.strerror}") from exc
     assembler.start()
+    sweeper = RetentionSweeper(ctx.db, ctx.layout, retention_days=settings.spool.retention_days)
+    sweeper.start()
     try:
         if settings.queue.embedded:
             log.info("embedded worker on the in-memory broker")
@@ -102,6 +111,7 @@ def cmd_serve(settings: Settings) -> int:
             _wait_for_signal()
     finally:
         server.shutdown()
+        sweeper.stop()
         assembler.stop()
         ctx.db.dispose()
         log.info("stopped")
@@ -232,11 +242,19 @@ def cmd_check_config(settings: Settings) -> int:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
 
+    def receiver_tls() -> None:
+        from agent.tls import server_context
+
+        if settings.receiver.tls is not None:
+            server_context(settings.receiver.tls)
+
     results = [
         _check(f"spool {settings.spool.path}", spool),
         _check("database", database),
         _check(f"broker {settings.queue.broker_url.split('://')[0]}://", broker),
     ]
+    if settings.receiver.tls is not None:
+        results.append(_check("receiver TLS certificate, key and CA", receiver_tls))
     for dest in settings.destinations:
         results.append(
             _check(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from sqlalchemy import (
     DateTime,
@@ -23,11 +25,13 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import DefaultClause
+from sqlalchemy.sql.elements import ColumnElement
 
 from agent.errors import PermanentError
 from agent.logs import study_key
@@ -83,6 +87,10 @@ class Superseded(PermanentError):
     """The job is no longer the study's current job (new instances arrived); stop quietly."""
 
 
+# `Study.purged_at` of a study whose files the retention sweep has never deleted.
+NEVER_PURGED = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -119,6 +127,11 @@ class Study(Base):
     first_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
     last_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # When the retention sweep last deleted the study's files; a change after that (a late
+    # instance reopening it) makes the study's new files due for the sweep in their turn.
+    purged_at: Mapped[datetime] = mapped_column(
+        UtcDateTime(), default=NEVER_PURGED, server_default="1970-01-01 00:00:00+00:00"
+    )
 
 
 class Instance(Base):
@@ -355,6 +368,31 @@ class Database:
                 )
             return result
 
+    # -- retention --------------------------------------------------------------------------
+
+    def purgeable(self, cutoff: datetime) -> list[Study]:
+        """`done` and `skipped` studies unchanged since before `cutoff` and not purged since."""
+        with self.session() as s:
+            query = select(Study).where(*_purgeable(cutoff)).order_by(Study.updated_at)
+            return list(s.scalars(query))
+
+    @contextlib.contextmanager
+    def purging(self, study_uid: str, cutoff: datetime, now: datetime) -> Iterator[bool]:
+        """Claim a study for deleting its files: yields whether it is still purgeable.
+
+        The claim is one conditional UPDATE that records the purge; its transaction stays open
+        for the block, holding the study's row (PostgreSQL) or the write lock (SQLite), so no
+        arrival can reopen the study while its files go. An exception in the block undoes it.
+        """
+        with self.session() as s, s.begin():
+            claimed = s.execute(
+                update(Study)
+                .where(Study.study_uid == study_uid, *_purgeable(cutoff))
+                .values(purged_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            yield cast(CursorResult[Any], claimed).rowcount == 1
+
     # -- state machine ----------------------------------------------------------------------
 
     def transition(
@@ -409,6 +447,15 @@ class Database:
         study.reason = reason
         study.updated_at = now
         s.add(Transition(study_id=study.id, state=target, reason=reason, at=now))
+
+
+def _purgeable(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
+    # Failed studies are kept: their results were never exported, a person decides.
+    return (
+        Study.state.in_([str(State.DONE), str(State.SKIPPED)]),
+        Study.updated_at < cutoff,
+        Study.purged_at < Study.updated_at,
+    )
 
 
 def _add_missing_columns(conn: Connection) -> None:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError
 
@@ -20,14 +30,152 @@ UidStr = Annotated[str, Field(max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors name the key, never repeat the value: it may be a secret written where it should not.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class SecretRef(_Section):
+    """Where a secret is kept, a file or a named environment variable; never the value itself.
+
+    `reveal()` reads it when it is used rather than when the configuration is loaded, so that
+    commands which do not need it (`status`, `rules test`) run without access to it. A plain
+    string in the configuration file is refused: that file is read by people and copied around.
+    """
+
+    file: Path | None = None
+    env: EnvName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_inline(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(
+                "a secret is not written in the configuration file: use "
+                '{ file = "/run/secrets/NAME" } or { env = "VARIABLE" }'
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of file or env")
+        return self
+
+    def __str__(self) -> str:
+        if self.file is not None:
+            return f"secret file {self.file}"
+        return f"environment variable {self.env}"
+
+    def reveal(self) -> SecretStr:
+        """Read the secret now; a ConfigError names where it was looked for, never the value."""
+        if self.file is not None:
+            try:
+                text = self.file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read {self}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                # `from None`: the decode error carries the file's bytes.
+                raise ConfigError(f"{self} is not UTF-8 text") from None
+            # The newline that `echo` or an editor leaves is not part of the secret.
+            value = text.rstrip("\r\n")
+        else:
+            assert self.env is not None
+            if self.env not in os.environ:
+                raise ConfigError(f"{self} is not set")
+            value = os.environ[self.env]
+        if not value:
+            raise ConfigError(f"{self} is empty")
+        return SecretStr(value)
+
+
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AllowedCaller(_Section):
-    """A peer allowed to associate: its calling AE title and, optionally, its host."""
+    """A peer allowed to associate: its calling AE title and, optionally, where it calls from.
+
+    `host` is an IP address, a network in CIDR notation (IPv4 or IPv6), or a host name, which
+    the receiver resolves once when it starts.
+    """
 
     ae_title: AeTitle
     host: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        try:
+            ipaddress.ip_network(value)
+            return value
+        except ValueError as exc:
+            if "/" in value or ":" in value:
+                hint = ""
+                if "host bits set" in str(exc):
+                    hint = f": write the network, {ipaddress.ip_network(value, strict=False)}"
+                raise ValueError(f"{value} is not an IP address or network ({exc}){hint}") from None
+        # RFC 1123 2.1: a name's last label is never all digits, so "10.1.2" is a typo, not a name.
+        last_label = value.rstrip(".").rsplit(".", 1)[-1]
+        if len(value) > 253 or not _HOST_NAME.fullmatch(value) or last_label.isdigit():
+            raise ValueError(f"{value} is not an IP address, a CIDR network or a host name")
+        return value
+
+    @property
+    def network(self) -> IpNetwork | None:
+        """`host` as addresses; None when it is a host name (resolved at start) or absent."""
+        if self.host is None:
+            return None
+        try:
+            return ipaddress.ip_network(self.host)
+        except ValueError:
+            return None
+
+
+class ReceiverTls(_Section):
+    """DICOM TLS on the listener (PS3.15 Annex B): its own certificate, and whom it trusts."""
+
+    certificate: Path
+    private_key: Path
+    private_key_password: SecretRef | None = None
+    # The CAs whose client certificates are accepted; without it no client certificate is asked.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _client_trust(self) -> ReceiverTls:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "require_client_certificate needs ca_certificates, the CAs that issue them"
+            )
+        return self
+
+
+class DestinationTls(_Section):
+    """DICOM TLS to a destination: which CAs to trust, and a client certificate if it asks."""
+
+    # Without it, the system's trusted CAs.
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    private_key_password: SecretRef | None = None
+    # Check that the destination's certificate names `server_name` (default: its host).
+    verify_hostname: bool = True
+    server_name: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key are given together")
+        if self.private_key_password is not None and self.private_key is None:
+            raise ValueError("private_key_password needs private_key")
+        return self
 
 
 class ReceiverSettings(_Section):
@@ -41,10 +189,28 @@ class ReceiverSettings(_Section):
     # Vendors' private storage SOP classes to accept as well (every standard one is accepted);
     # they are stored and listed, never processed. Default: Siemens CSA Non-Image Storage.
     private_sop_classes: tuple[UidStr, ...] = ("1.3.12.2.1107.5.9.1",)
+    # Other called AE titles answered besides ae_title (any other is rejected, PS3.8 Table 9-21).
+    accepted_called_ae_titles: tuple[AeTitle, ...] = ()
+    # With a [receiver.tls] table the port speaks DICOM TLS only (2762 is its registered port).
+    tls: ReceiverTls | None = None
+    # Largest dataset accepted in one C-STORE; a larger one is refused with 0xA700 and not
+    # written. pynetdicom holds the whole dataset in memory before the handler sees it.
+    max_instance_bytes: Annotated[int, Field(ge=1)] = 2 * 1024**3
+
+    @property
+    def called_ae_titles(self) -> tuple[str, ...]:
+        """Every AE title this receiver answers to: its own first, then the aliases."""
+        return (self.ae_title, *self.accepted_called_ae_titles)
 
 
 class SpoolSettings(_Section):
     path: Path = Path("pacs-agent-data/spool")
+    # The spool is "low" when its filesystem has less free space than either floor; while low,
+    # C-STORE gets 0xA700 and new associations are rejected as transient (temporary congestion).
+    min_free_percent: Annotated[float, Field(ge=0, le=100)] = 10.0
+    min_free_gb: Annotated[float, Field(ge=0)] = 5.0
+    # Days a `done` or `skipped` study's files are kept after its last change; 0 keeps them.
+    retention_days: Annotated[float, Field(ge=0)] = 7.0
 
 
 class StudySettings(_Section):
@@ -123,6 +289,15 @@ class DestinationSettings(_Section):
     ae_title: AeTitle
     host: str
     port: Port
+    # DICOM TLS; `tls = true` (or `{}`) trusts the system's CAs and checks the host name.
+    tls: DestinationTls | None = None
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 class LoggingSettings(_Section):
@@ -172,7 +347,30 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         prefix = "sqlite:///"
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
             database["url"] = prefix + str((base / url[len(prefix) :]).resolve())
+    receiver = raw.get("receiver")
+    if isinstance(receiver, dict):
+        _resolve_tls_paths(receiver.get("tls"), base)
+    destinations = raw.get("destinations")
+    if isinstance(destinations, list):
+        for destination in destinations:
+            if isinstance(destination, dict):
+                _resolve_tls_paths(destination.get("tls"), base)
     return raw
+
+
+def _resolve_tls_paths(tls: object, base: Path) -> None:
+    """The certificate, key, CA and password files of one `tls` table, made file-relative."""
+    if not isinstance(tls, dict):
+        return
+    password = tls.get("private_key_password")
+    for table, key in (
+        (tls, "certificate"),
+        (tls, "private_key"),
+        (tls, "ca_certificates"),
+        (password, "file"),
+    ):
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            table[key] = str((base / os.path.expanduser(table[key])).resolve())
 
 
 def _describe(error: ValidationError, source: str) -> str:

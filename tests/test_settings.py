@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,140 @@ def test_deploy_example_is_valid() -> None:
     settings = load_settings(REPO_ROOT / "deploy" / "scale-out.example.toml")
     assert not settings.queue.embedded
     assert settings.database_url.startswith("postgresql+psycopg://")
+
+
+SECRET = "s3cret-Value-4-tests"
+
+
+def test_secret_from_a_file_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "key-password").write_text(SECRET + "\n")
+    path = _write(
+        tmp_path,
+        "[receiver.tls]\ncertificate = 'tls/server.pem'\nprivate_key = 'tls/server.key'\n"
+        "private_key_password = { file = 'secrets/key-password' }\n",
+    )
+    settings = load_settings(path)
+    tls = settings.receiver.tls
+    assert tls is not None and tls.private_key_password is not None
+    assert tls.certificate == tmp_path / "tls" / "server.pem"
+    assert tls.private_key == tmp_path / "tls" / "server.key"
+    assert tls.private_key_password.file == tmp_path / "secrets" / "key-password"
+    revealed = tls.private_key_password.reveal()
+    assert revealed.get_secret_value() == SECRET  # the trailing newline is not part of it
+    for shown in (repr(settings), str(settings), repr(revealed), str(revealed)):
+        assert SECRET not in shown
+
+
+def test_secret_from_a_named_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write(
+        tmp_path,
+        "[[destinations]]\nname = 'pacs'\nae_title = 'PACS'\nhost = 'pacs'\nport = 2762\n"
+        "[destinations.tls]\ncertificate = 'c.pem'\nprivate_key = 'k.pem'\n"
+        "private_key_password = { env = 'PACS_AGENT_TEST_SECRET' }\n",
+    )
+    with caplog.at_level(logging.DEBUG):
+        settings = load_settings(path)
+        secret = settings.destinations[0].tls.private_key_password  # type: ignore[union-attr]
+        assert secret is not None
+        with pytest.raises(ConfigError, match="environment variable PACS_AGENT_TEST_SECRET"):
+            secret.reveal()
+        monkeypatch.setenv("PACS_AGENT_TEST_SECRET", SECRET)
+        assert secret.reveal().get_secret_value() == SECRET
+    assert SECRET not in repr(settings) + caplog.text + settings.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("password", "message"),
+    [
+        (f"'{SECRET}'", "a secret is not written in the configuration file: use { file ="),
+        ("{ file = 'a', env = 'B' }", "give exactly one of file or env"),
+        ("{}", "give exactly one of file or env"),
+        ("{ env = 'NOT-A-NAME' }", "'receiver.tls.private_key_password.env'"),
+        ("{ value = 'x' }", "unknown key 'receiver.tls.private_key_password.value'"),
+    ],
+)
+def test_bad_secret_references(tmp_path: Path, password: str, message: str) -> None:
+    path = _write(
+        tmp_path,
+        "[receiver.tls]\ncertificate = 'c.pem'\nprivate_key = 'k.pem'\n"
+        f"private_key_password = {password}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert message in str(info.value)
+    assert "'receiver.tls.private_key_password" in str(info.value)
+    # The refused value is not repeated, not even in the chained validation error.
+    assert SECRET not in str(info.value) and SECRET not in str(info.value.__cause__)
+
+
+def test_secret_file_problems_name_the_file_not_the_value(tmp_path: Path) -> None:
+    from agent.settings import SecretRef
+
+    missing = SecretRef(file=tmp_path / "missing")
+    with pytest.raises(ConfigError, match=f"cannot read secret file {tmp_path / 'missing'}"):
+        missing.reveal()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        SecretRef(file=tmp_path / "empty").reveal()
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + SECRET.encode())
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
+        SecretRef(file=tmp_path / "binary").reveal()
+    assert info.value.__cause__ is None and info.value.__context__ is not None
+    assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[receiver.tls]\ncertificate = 'c.pem'\nprivate_key = 'k.pem'\n"
+            "require_client_certificate = true\n",
+            "require_client_certificate needs ca_certificates",
+        ),
+        ("[receiver.tls]\ncertificate = 'c.pem'\n", "'receiver.tls.private_key'"),
+        (
+            "[[destinations]]\nname='a'\nae_title='X'\nhost='h'\nport=1\n"
+            "tls = { certificate = 'c.pem' }\n",
+            "certificate and private_key are given together",
+        ),
+        (
+            "[[destinations]]\nname='a'\nae_title='X'\nhost='h'\nport=1\n"
+            "tls = { verify_hostnames = false }\n",
+            "unknown key 'destinations.0.tls.verify_hostnames'",
+        ),
+        ("[receiver]\naccepted_called_ae_titles = ['']\n", "accepted_called_ae_titles.0"),
+    ],
+)
+def test_bad_tls_and_access_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_destination_tls_switch_and_paths(tmp_path: Path) -> None:
+    from agent.settings import DestinationTls
+
+    path = _write(
+        tmp_path,
+        "[[destinations]]\nname='sys'\nae_title='X'\nhost='pacs.example'\nport=2762\ntls=true\n"
+        "[[destinations]]\nname='off'\nae_title='X'\nhost='h'\nport=104\ntls=false\n"
+        "[[destinations]]\nname='own'\nae_title='X'\nhost='h'\nport=2762\n"
+        "tls = { ca_certificates = '~/ca.pem', server_name = 'pacs.example' }\n",
+    )
+    system, off, own = load_settings(path).destinations
+    assert system.tls == DestinationTls()
+    assert system.tls.verify_hostname and system.tls.ca_certificates is None
+    assert off.tls is None
+    assert own.tls is not None and own.tls.ca_certificates == Path.home() / "ca.pem"
+    assert own.tls.server_name == "pacs.example"
+
+
+def test_called_ae_titles() -> None:
+    from agent.settings import ReceiverSettings
+
+    receiver = ReceiverSettings(ae_title="PACS_AGENT", accepted_called_ae_titles=("AI_SEG",))
+    assert receiver.called_ae_titles == ("PACS_AGENT", "AI_SEG")

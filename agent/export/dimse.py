@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from agent.dicom.files import read_header
-from agent.errors import RetryableError
+from agent.errors import ConfigError, RetryableError
 from agent.settings import DestinationSettings
+from agent.tls import ClientContext, client_context
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +32,53 @@ def _ae(calling_ae: str) -> AE:
     return ae
 
 
+def _associate(ae: AE, destination: DestinationSettings) -> Association:
+    """An established association, over TLS when the destination has a `tls` table.
+
+    RetryableError says why none was established; ConfigError names an unusable TLS file.
+    """
+    ctx: ClientContext | None = None
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if destination.tls is not None:
+        try:
+            ctx = client_context(destination.tls)
+        except ConfigError as exc:
+            raise ConfigError(f"destination {destination.name}: TLS: {exc}") from exc
+        tls_args = (ctx, destination.tls.server_name or destination.host)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
+    if assoc.is_established:
+        return assoc
+    _discard(assoc)
+    if ctx is not None and ctx.failure is not None:
+        raise RetryableError(f"destination {destination.name}: TLS failed: {ctx.failure}")
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        rj = assoc.acceptor.primitive
+        # PS3.8 Table 9-21: result, source and reason say who refused and why.
+        raise RetryableError(
+            f"destination {destination.name}: association rejected (result {rj.result}, "
+            f"source {rj.result_source}, reason {rj.diagnostic})"
+        )
+    raise RetryableError(f"destination {destination.name}: association refused or failed")
+
+
+def _discard(assoc: Association) -> None:
+    """Close the connection of an association that failed.
+
+    pynetdicom closes it with shutdown() then close(), and skips close() when shutdown() fails,
+    as it does once the peer has hung up first.
+    """
+    sock = assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.close()
+
+
 def echo(destination: DestinationSettings, calling_ae: str) -> None:
     """C-ECHO the destination; RetryableError says why it failed."""
     ae = _ae(calling_ae)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        raise RetryableError(f"destination {destination.name}: association refused or failed")
+    assoc = _associate(ae, destination)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -58,9 +101,7 @@ def send(destination: DestinationSettings, calling_ae: str, files: Sequence[Path
             s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s not in syntaxes
         ]
         ae.add_requested_context(sop_class, ordered)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        raise RetryableError(f"destination {destination.name}: association refused or failed")
+    assoc = _associate(ae, destination)
     try:
         for path, ds in zip(files, headers, strict=True):
             status = assoc.send_c_store(path)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import cast
@@ -17,8 +18,9 @@ from agent.db import ArrivedInstance
 from agent.logs import log_context, study_key
 from agent.receive.filemeta import encode_file_meta
 from agent.receive.identify import Unreadable, identify
-from agent.settings import AllowedCaller
+from agent.settings import AllowedCaller, IpNetwork
 from agent.spool.layout import SpoolLayout, is_valid_uid
+from agent.spool.watermark import Watermark
 from agent.spool.writer import write_atomic
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,24 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 class StoreHandler:
-    """Writes each received instance to the spool, then acknowledges it."""
+    """Writes each received instance to the spool, then acknowledges it.
 
-    def __init__(self, layout: SpoolLayout, sink: ArrivalSink) -> None:
+    With a `watermark`, an instance arriving while the spool is low is refused before anything
+    is written; so is a dataset larger than `max_instance_bytes`.
+    """
+
+    def __init__(
+        self,
+        layout: SpoolLayout,
+        sink: ArrivalSink,
+        *,
+        watermark: Watermark | None = None,
+        max_instance_bytes: int | None = None,
+    ) -> None:
         self._layout = layout
         self._sink = sink
+        self._watermark = watermark
+        self._max_bytes = max_instance_bytes
 
     def __call__(self, event: Event) -> int | Dataset:
         try:
@@ -61,6 +76,10 @@ class StoreHandler:
         raw_stream = request.DataSet
         if not isinstance(raw_stream, BytesIO):
             return _status(CANNOT_UNDERSTAND, "no dataset in request")
+        with raw_stream.getbuffer() as view:
+            refusal = self._refusal(view.nbytes)
+        if refusal is not None:
+            return refusal
         raw = raw_stream.getvalue()
         try:
             ids = identify(raw, event.context.transfer_syntax)
@@ -112,38 +131,178 @@ class StoreHandler:
             )
         return SUCCESS
 
+    def _refusal(self, size: int) -> Dataset | None:
+        """0xA700 when the spool is low or the dataset is over the size limit, else None.
+
+        PS3.4 B.2.3 has one status for "the SCP does not have enough resources to store the
+        SOP Instance": A7xx, Refused: Out of Resources. A configured size cap is such a limit,
+        so an oversized dataset gets it too; the Cxxx "cannot understand" family would send the
+        sender's operator looking for an encoding fault that is not there. Either way the
+        sender keeps the instance (nothing was acknowledged) and its log says why.
+        """
+        if self._watermark is not None:
+            level = self._watermark.check()
+            if level.low:  # logged once by the watermark, not once per instance
+                return _status(OUT_OF_RESOURCES, level.reason)
+        # pynetdicom has already received the whole dataset into memory by now (its only bound
+        # while receiving is the maximum PDU size, per PDU, not per dataset): this limit keeps
+        # oversized instances out of the spool, it cannot stop them reaching this process.
+        if self._max_bytes is not None and size > self._max_bytes:
+            log.warning(
+                "refused an instance of %d bytes: the limit is %d bytes", size, self._max_bytes
+            )
+            return _status(OUT_OF_RESOURCES, f"instance over the {self._max_bytes}-byte limit")
+        return None
+
+
+class RejectWhileSpoolLow:
+    """Rejects new associations as transient while the spool is low; PS3.8 Table 9-21.
+
+    Register it after AccessControl (pynetdicom calls EVT_REQUESTED handlers in the order
+    given): a caller that is not allowed is told so permanently rather than asked to come back,
+    and an association another handler already rejected is left alone, so that no peer gets
+    two A-ASSOCIATE-RJ PDUs.
+    """
+
+    def __init__(self, watermark: Watermark) -> None:
+        self._watermark = watermark
+
+    def __call__(self, event: Event) -> None:
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:
+            return
+        level = self._watermark.check()
+        if not level.low:
+            return
+        log.debug("association rejected as transient: %s", level.reason)
+        # Result 2 (rejected-transient), source 3 (service provider, presentation related),
+        # reason 1 (temporary congestion): the sender is to try again later, and does not
+        # need to change anything (PS3.8 Table 9-21).
+        assoc.acse.send_reject(0x02, 0x03, 0x01)
+        # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ
+        # before the connection is closed, else the peer sees an abort instead.
+        assoc.kill()
+
 
 def handle_echo(_event: Event) -> int:
     return SUCCESS
 
 
 class AccessControl:
-    """Accepts only the configured calling AE titles (and hosts); PS3.8 7.1.1.10 reason 3."""
+    """Admits an association only when it calls one of our AE titles, from an allowed caller.
 
-    def __init__(self, allowed: tuple[AllowedCaller, ...]) -> None:
-        self._allowed = allowed
+    A refusal is an A-ASSOCIATE-RJ, rejected-permanent, source DICOM UL service-user, with
+    reason 7 for a called AE title that is not ours and reason 3 for a caller not on the list
+    (PS3.8 Table 9-21). The table has no reason for a known AE title calling from the wrong
+    address, so that is reason 3 too; the log says which check failed.
 
-    def permits(self, ae_title: str, host: str) -> bool:
-        if not self._allowed:
-            return True
-        return any(
-            caller.ae_title.strip() == ae_title.strip() and caller.host in (None, host)
-            for caller in self._allowed
+    With no `called_ae_titles` any called AE title is accepted; with no `allowed` callers,
+    anyone. Callers given by host name are resolved here, once, by `resolve` (default: the
+    system resolver): a name that does not resolve admits nobody until the next start, and the
+    log says so.
+    """
+
+    # PS3.8 Table 9-21, reasons for source 1 (DICOM UL service-user).
+    CALLING_AE_TITLE_NOT_RECOGNIZED = 0x03
+    CALLED_AE_TITLE_NOT_RECOGNIZED = 0x07
+
+    def __init__(
+        self,
+        allowed: tuple[AllowedCaller, ...],
+        called_ae_titles: Collection[str] = (),
+        *,
+        resolve: Callable[[str], frozenset[str]] | None = None,
+    ) -> None:
+        self._called = frozenset(title.strip() for title in called_ae_titles)
+        lookup = resolve or self.resolve_host
+        # Per caller: the AE title and where it may call from (None: anywhere).
+        self._rules: tuple[tuple[str, tuple[IpNetwork, ...] | None], ...] = tuple(
+            (caller.ae_title.strip(), self._networks(caller, lookup)) for caller in allowed
         )
+
+    @staticmethod
+    def resolve_host(name: str) -> frozenset[str]:
+        """The addresses a host name resolves to now; empty if it does not resolve."""
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except OSError:
+            return frozenset()
+        return frozenset(str(info[4][0]) for info in infos)
+
+    @staticmethod
+    def _networks(
+        caller: AllowedCaller, resolve: Callable[[str], frozenset[str]]
+    ) -> tuple[IpNetwork, ...] | None:
+        if caller.host is None:
+            return None
+        if caller.network is not None:
+            return (caller.network,)
+        addresses = sorted(resolve(caller.host))
+        if not addresses:
+            log.error(
+                "allowed caller %s: host name %s does not resolve; refused until restart",
+                caller.ae_title,
+                caller.host,
+            )
+        else:
+            log.info(
+                "allowed caller %s: host name %s is %s",
+                caller.ae_title,
+                caller.host,
+                ", ".join(addresses),
+            )
+        # A link-local address comes with its zone (fe80::1%eth0), which networks do not take.
+        return tuple(ipaddress.ip_network(address.split("%", 1)[0]) for address in addresses)
+
+    def refusal(self, calling: str, called: str, address: str) -> tuple[int, str] | None:
+        """The reject reason and what failed, or None when the association is admitted."""
+        # Leading and trailing spaces of an AE title are not significant (PS3.8 Table 9-11).
+        calling, called = calling.strip(), called.strip()
+        if self._called and called not in self._called:
+            return self.CALLED_AE_TITLE_NOT_RECOGNIZED, f"called AE title {called!r} is not ours"
+        if not self._rules:
+            return None
+        places = [where for title, where in self._rules if title == calling]
+        if not places:
+            return (
+                self.CALLING_AE_TITLE_NOT_RECOGNIZED,
+                f"calling AE title {calling!r} is not an allowed caller",
+            )
+        ip = self._peer_ip(address)
+        for where in places:
+            if where is None or (ip is not None and any(ip in net for net in where)):
+                return None
+        return (
+            self.CALLING_AE_TITLE_NOT_RECOGNIZED,
+            f"calling AE title {calling!r} is not allowed from {address}",
+        )
+
+    @staticmethod
+    def _peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """A peer's address; an IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        return ip
 
     def __call__(self, event: Event) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title if primitive else "")
-        host = str(assoc.requestor.address)
-        if not self.permits(calling, host):
-            log.warning("association rejected: calling AE title not recognized (%s)", calling)
-            # Result 1 (rejected-permanent), source 1 (service user), diagnostic 3 (calling
-            # AE title not recognized): PS3.8 Table 9-21.
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ
-            # before the connection is closed, else the peer sees an abort instead.
-            assoc.kill()
+        called = str(primitive.called_ae_title if primitive else "")
+        refusal = self.refusal(calling, called, str(assoc.requestor.address))
+        if refusal is None:
+            return
+        reason, failed = refusal
+        log.warning("association rejected: %s", failed)
+        # Result 1 (rejected-permanent), source 1 (DICOM UL service-user): PS3.8 Table 9-21.
+        assoc.acse.send_reject(0x01, 0x01, reason)
+        # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ
+        # before the connection is closed, else the peer sees an abort instead.
+        assoc.kill()
 
 
 # pynetdicom's DUL thread sleeps this long whenever a pass finds nothing to do (1 ms by

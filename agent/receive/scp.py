@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
 from typing import Any, cast
 
 from pydicom import uid
@@ -14,16 +17,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     uid_to_service_class,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
+from agent.errors import ConfigError
 from agent.receive.handlers import (
     AccessControl,
     ArrivalSink,
+    RejectWhileSpoolLow,
     StoreHandler,
     handle_conn_open,
     handle_echo,
 )
 from agent.settings import ReceiverSettings
 from agent.spool.layout import SpoolLayout
+from agent.spool.watermark import Watermark
+from agent.tls import accept, describe, server_context
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +67,15 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
+# Seconds a caller has to send its A-ASSOCIATE-RQ, and before that to complete a TLS handshake.
+ACSE_TIMEOUT_SECONDS = 30.0
+
+
 def build_ae(settings: ReceiverSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_seconds
-    ae.acse_timeout = 30
+    ae.acse_timeout = ACSE_TIMEOUT_SECONDS
     ae.dimse_timeout = settings.network_timeout_seconds
     # 1 MiB PDUs: fewer, larger reads for 512x512 slices (PS3.8 D.1 lets the receiver choose).
     ae.maximum_pdu_size = 1024 * 1024
@@ -87,10 +99,60 @@ def _register_private_storage(sop_class: str) -> None:
     register_uid(sop_class, "PrivateStorage_" + sop_class.replace(".", "_"), StorageServiceClass)
 
 
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, doing each TLS handshake in the connection's own thread.
+
+    pynetdicom's own TLS support handshakes in the one thread that accepts connections, where a
+    caller that connects and stays silent would hold up every other caller.
+    """
+
+    def __init__(self, *args: Any, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+        self.tls = tls
+        super().__init__(*args, **kwargs)
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if self.tls is not None and isinstance(request, socket.socket):
+            peer = client_address[0] if isinstance(client_address, tuple) else client_address
+            try:
+                request = accept(self.tls, request, ACSE_TIMEOUT_SECONDS)
+            except (ssl.SSLEOFError, ConnectionError) as exc:
+                # Port probes and load-balancer checks connect and hang up: not worth a warning.
+                log.debug("TLS handshake with %s ended: %s", peer, describe(exc))
+                return
+            except OSError as exc:
+                log.warning("TLS handshake with %s failed: %s", peer, describe(exc))
+                return
+        super().process_request_thread(request, client_address)
+
+
+def _tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
+    if settings.tls is None:
+        return None
+    try:
+        return server_context(settings.tls)
+    except ConfigError as exc:
+        raise ConfigError(f"[receiver.tls] {exc}") from exc
+
+
 def start_receiver(
-    settings: ReceiverSettings, layout: SpoolLayout, sink: ArrivalSink
+    settings: ReceiverSettings,
+    layout: SpoolLayout,
+    sink: ArrivalSink,
+    watermark: Watermark | None = None,
 ) -> ThreadedAssociationServer:
-    """Start listening in background threads; the caller shuts the server down."""
+    """Start listening in background threads; the caller shuts the server down.
+
+    With a `watermark`, a spool short of free space answers C-STORE with 0xA700 and refuses new
+    associations as transient until space returns.
+
+    Raises ConfigError for an unusable TLS certificate, key or CA file (naming it), and
+    OSError when the address cannot be bound.
+    """
+    tls = _tls_context(settings)
     if not settings.allowed_callers:
         log.warning(
             "receiver accepts associations from any calling AE title: set "
@@ -98,16 +160,53 @@ def start_receiver(
         )
     ae = build_ae(settings)
     handlers: list[Any] = [
-        (evt.EVT_C_STORE, StoreHandler(layout, sink)),
+        (
+            evt.EVT_C_STORE,
+            StoreHandler(
+                layout, sink, watermark=watermark, max_instance_bytes=settings.max_instance_bytes
+            ),
+        ),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_REQUESTED, AccessControl(settings.allowed_callers)),
+        # Also checks the called AE title: pynetdicom's require_called_aet knows only the AE's
+        # own title, not the aliases, and would answer after this handler anyway.
+        (
+            evt.EVT_REQUESTED,
+            AccessControl(settings.allowed_callers, settings.called_ae_titles),
+        ),
+        # After access control, so that a stranger is refused for good, not asked to retry.
+        *([(evt.EVT_REQUESTED, RejectWhileSpoolLow(watermark))] if watermark else []),
         (evt.EVT_CONN_OPEN, handle_conn_open),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    assert server is not None
+    # make_server with a server class is pynetdicom's way to customise the server; what
+    # AE.start_server(block=False) does besides is repeated here.
+    server = ae.make_server(
+        (settings.host, settings.port),
+        evt_handlers=handlers,
+        server_class=AssociationServer,
+        tls=tls,
+    )
+    # AE.shutdown() and the server's own shutdown() find the server in this list.
+    ae._servers.append(server)
+    thread = threading.Thread(
+        target=make_target(server.serve_forever),
+        name=f"receiver@{server.server_address[1]}",
+        daemon=True,
+    )
+    thread.start()
     log.info(
-        "receiver %s listening on %s:%d",
+        "receiver %s listening on %s:%d%s",
         settings.ae_title,
         *server.server_address[:2],
+        _tls_note(settings),
     )
     return server
+
+
+def _tls_note(settings: ReceiverSettings) -> str:
+    if settings.tls is None:
+        return ""
+    if settings.tls.require_client_certificate:
+        return " (DICOM TLS, client certificate required)"
+    if settings.tls.ca_certificates is not None:
+        return " (DICOM TLS, client certificate verified when given)"
+    return " (DICOM TLS)"
