@@ -186,6 +186,9 @@ class ReceiverSettings(_Section):
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
     # Seconds of network silence after which an association is dropped (PS3.8 9.1.5 ARTIM/idle).
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Seconds a connection may take to complete its association request (PS3.8 9.1.5 ARTIM):
+    # a peer that sends half a request holds a slot of max_associations until then.
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # Vendors' private storage SOP classes to accept as well (every standard one is accepted);
     # they are stored and listed, never processed. Default: Siemens CSA Non-Image Storage.
     private_sop_classes: tuple[UidStr, ...] = ("1.3.12.2.1107.5.9.1",)

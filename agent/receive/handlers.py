@@ -11,6 +11,7 @@ from io import BytesIO
 from typing import cast
 
 from pydicom.dataset import Dataset
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
@@ -178,10 +179,26 @@ class RejectWhileSpoolLow:
         # Result 2 (rejected-transient), source 3 (service provider, presentation related),
         # reason 1 (temporary congestion): the sender is to try again later, and does not
         # need to change anything (PS3.8 Table 9-21).
-        assoc.acse.send_reject(0x02, 0x03, 0x01)
-        # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ
-        # before the connection is closed, else the peer sees an abort instead.
-        assoc.kill()
+        reject(assoc, 0x02, 0x03, 0x01)
+
+
+# PS3.8 Table 9-10: Sta3 is "awaiting local A-ASSOCIATE response primitive", the only state in
+# which an A-ASSOCIATE-RJ may be sent.
+_AWAITING_RESPONSE = "Sta3"
+
+
+def reject(assoc: Association, result: int, source: int, reason: int) -> None:
+    """Send an A-ASSOCIATE-RJ and close, unless the peer has already gone.
+
+    A peer that hangs up right after its request (a port scanner) has moved the state machine
+    on; a reject then would be an invalid event that kills pynetdicom's DUL thread with a
+    traceback instead of ending the connection quietly.
+    """
+    if assoc.dul.state_machine.current_state == _AWAITING_RESPONSE:
+        assoc.acse.send_reject(result, source, reason)
+    # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ before
+    # the connection is closed, else the peer sees an abort instead.
+    assoc.kill()
 
 
 def handle_echo(_event: Event) -> int:
@@ -299,10 +316,7 @@ class AccessControl:
         reason, failed = refusal
         log.warning("association rejected: %s", failed)
         # Result 1 (rejected-permanent), source 1 (DICOM UL service-user): PS3.8 Table 9-21.
-        assoc.acse.send_reject(0x01, 0x01, reason)
-        # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ
-        # before the connection is closed, else the peer sees an abort instead.
-        assoc.kill()
+        reject(assoc, 0x01, 0x01, reason)
 
 
 # pynetdicom's DUL thread sleeps this long whenever a pass finds nothing to do (1 ms by

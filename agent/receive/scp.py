@@ -67,7 +67,8 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
-# Seconds a caller has to send its A-ASSOCIATE-RQ, and before that to complete a TLS handshake.
+# Seconds a caller has to complete a TLS handshake (the A-ASSOCIATE-RQ then has
+# [receiver] acse_timeout_seconds).
 ACSE_TIMEOUT_SECONDS = 30.0
 
 
@@ -75,7 +76,7 @@ def build_ae(settings: ReceiverSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_seconds
-    ae.acse_timeout = ACSE_TIMEOUT_SECONDS
+    ae.acse_timeout = settings.acse_timeout_seconds
     ae.dimse_timeout = settings.network_timeout_seconds
     # 1 MiB PDUs: fewer, larger reads for 512x512 slices (PS3.8 D.1 lets the receiver choose).
     ae.maximum_pdu_size = 1024 * 1024
