@@ -23,6 +23,8 @@ from tests.support.series import Series, write_enhanced_ct
 pytestmark = pytest.mark.slow
 
 DEADLINE = 240.0
+NAME = "Müller^Jürgen Hans=山田^太郎"
+PATIENT_ID = "4711-0815-K"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,11 @@ def _results(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset
 def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_path: Path) -> None:
     truth = write_phantom_series(tmp_path / "ct", slices=41, rows=128, cols=128, pixel_spacing=3.0)
     study_uid = truth.study_uid
+    for path in truth.files:  # a real-looking identity, in UTF-8, that must never be logged
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, PATIENT_ID, "19470315"
+        ds.save_as(path)
     main, late_slice = list(truth.files[:40]), truth.files[40]
     localizer = write_localizer(tmp_path / "loc", study_uid)
     sr = write_text_sr(tmp_path / "other", study_uid)
@@ -102,6 +109,7 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
         assert "1 x Basic Text SR Storage  stored" in listing.stdout
         assert "1 x CT Image Storage  stored" in listing.stdout  # the localizer
         assert "PHANTOM" not in listing.stdout
+        assert NAME not in listing.stdout and PATIENT_ID not in listing.stdout
 
         # A late key-object selection leaves every input unchanged: nothing new is produced.
         storescu(
@@ -131,6 +139,7 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
             first, second = sorted(results[kind], key=lambda ds: int(ds.InstanceNumber))
             assert first.SeriesInstanceUID == second.SeriesInstanceUID
             assert first.SOPInstanceUID != second.SOPInstanceUID
+        assert all(str(ds.PatientName) == NAME for ds in results["SEG"] + results["SR"])
         newest = max(results["SEG"], key=lambda ds: int(ds.InstanceNumber))
         refs = {
             str(i.ReferencedSOPInstanceUID)
@@ -138,6 +147,10 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
         }
         assert truth.sop_uids[40] in refs
         assert agent.stop() == 0
+    logs = agent.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "study complete" in logs and "study done" in logs  # the log did record the study
+    for identity in (NAME, "Müller", "Jürgen", PATIENT_ID, "19470315", "PHANTOM^CT"):
+        assert identity not in logs, identity
 
 
 def test_enhanced_ct_gives_a_seg_on_its_frames(orthanc: Orthanc, tmp_path: Path) -> None:
