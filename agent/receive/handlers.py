@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -324,7 +325,41 @@ class AccessControl:
 DUL_IDLE_SLEEP_SECONDS = 0.0002
 
 
+def _drop_on_protocol_error(assoc: Association) -> None:
+    """End the association quietly when one of its protocol events cannot be handled.
+
+    pynetdicom's DUL thread runs each state-machine event unguarded. A peer that hangs up
+    while the acceptance or rejection of its request is on its way (a port scanner, a fuzzer)
+    leaves that response an event invalid in the new state (PS3.8 Table 9-10, Sta13), and the
+    InvalidEventError kills the thread with a traceback, leaving the socket to the garbage
+    collector. Here the peer is logged in one line and its connection closed; other
+    associations are not touched.
+    """
+    dul = assoc.dul
+    do_action: Callable[[str], None] = dul.state_machine.do_action
+
+    def guarded(name: str) -> None:
+        try:
+            do_action(name)
+        except Exception as exc:  # the boundary for one hostile peer's protocol events
+            log.info("dropped peer %s: %s: %s", assoc.requestor.address, type(exc).__name__, exc)
+            # This runs in the DUL thread itself, so no join: flag both reactors to end and
+            # close the connection here.
+            dul._kill_thread = True
+            assoc._kill = True
+            raw = dul.socket.socket if dul.socket is not None else None
+            if raw is not None:
+                # Not AssociationSocket.close(): it skips close() when shutdown() fails, as it
+                # does once the peer has gone, and the socket would leak.
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_RDWR)
+                raw.close()
+
+    setattr(dul.state_machine, "do_action", guarded)  # noqa: B010 (mypy: a method)
+
+
 def handle_conn_open(event: Event) -> None:
+    _drop_on_protocol_error(event.assoc)
     event.assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_SECONDS
     # Small C-STORE responses otherwise wait on Nagle's algorithm and delayed ACKs (~40 ms each).
     sock = event.assoc.dul.socket
