@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from agent.errors import PermanentError
+
+# What pydicom and its pixel-data plugins raise for a damaged, truncated or unsupported file.
+# They share no base class: parsing raises InvalidDicomError, ValueError (UnicodeDecodeError
+# among them), KeyError, IndexError, TypeError, AttributeError, NotImplementedError (unknown
+# VR), EOFError, struct.error and OverflowError (lying lengths) and OSError; the codecs
+# (pylibjpeg, CharLS, GDCM) raise RuntimeError or ValueError.
+DICOM_ERRORS: tuple[type[Exception], ...] = (
+    InvalidDicomError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    NotImplementedError,
+    EOFError,
+    OSError,
+    OverflowError,
+    RuntimeError,
+    struct.error,
+)
 
 
 def read_dicom(path: Path, *, pixels: bool = False) -> Dataset:
@@ -17,7 +39,7 @@ def read_dicom(path: Path, *, pixels: bool = False) -> Dataset:
     """
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
-    except Exception as exc:  # pydicom raises many types for a damaged file
+    except DICOM_ERRORS as exc:
         raise PermanentError(f"cannot read {path.name}: {type(exc).__name__}") from exc
 
 

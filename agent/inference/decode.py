@@ -37,6 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from agent.dicom.files import DICOM_ERRORS
 from agent.errors import PermanentError
 
 # Fewer items than this are decoded in the calling process: starting work in the pool costs
@@ -148,12 +149,12 @@ def no_decoder_reason(transfer_syntax: str) -> str:
 # -- one frame --------------------------------------------------------------------------------
 
 
-def _stored_frame(item: DecodeItem) -> np.ndarray:
+def stored_frame(item: DecodeItem) -> np.ndarray:
     """The stored values of one frame, as pydicom decodes them; PermanentError if it cannot."""
     name = item.path.name  # the SOP Instance UID in the spool: no patient identity
     try:
         syntax = str(read_file_meta_info(item.path).get("TransferSyntaxUID", "") or "")
-    except Exception as exc:  # pydicom raises many types for a damaged file
+    except DICOM_ERRORS as exc:
         raise PermanentError(f"cannot read {name}: {type(exc).__name__}") from exc
     plugin = decoder_for(syntax)
     if plugin is None:
@@ -171,7 +172,7 @@ def _stored_frame(item: DecodeItem) -> np.ndarray:
             stored = pixel_array(
                 item.path, ds_out=header, index=item.index, decoding_plugin=plugin, raw=True
             )
-    except Exception as exc:  # each plugin raises its own types
+    except DICOM_ERRORS as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise PermanentError(
             f"cannot decode frame {item.index} of {name} ({_syntax_name(syntax)}): "
@@ -201,7 +202,7 @@ def _sign_extended(stored: np.ndarray, header: Dataset) -> np.ndarray:
 
 def checked_frame(item: DecodeItem, shape: tuple[int, int] | None) -> np.ndarray:
     """The stored values of one frame, checked to be grayscale and, if given, of `shape`."""
-    stored = _stored_frame(item)
+    stored = stored_frame(item)
     if stored.ndim != 2:
         samples = stored.shape[-1] if stored.ndim == 3 else "?"
         raise PermanentError(

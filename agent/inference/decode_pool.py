@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from agent.dicom.files import DICOM_ERRORS
 from agent.errors import PermanentError, RetryableError
 from agent.inference.decode import DecodeItem, checked_frame, decode_serial, rescale_into
 
@@ -172,7 +173,7 @@ def _frame_shape(item: DecodeItem) -> tuple[int, int]:
     try:
         ds = pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
         return int(ds.Rows), int(ds.Columns)
-    except Exception as exc:  # any unreadable header; decoding it would fail the same way
+    except DICOM_ERRORS as exc:  # decoding it would fail the same way
         raise PermanentError(
             f"cannot read Rows/Columns of {item.path.name}: {type(exc).__name__}"
         ) from exc

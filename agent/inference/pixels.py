@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 from pydicom.encaps import get_frame
-from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
-from agent.dicom.files import read_dicom
+from agent.dicom.files import DICOM_ERRORS, read_dicom
 from agent.errors import PermanentError
+from agent.inference.decode import DecodeItem, stored_frame
 from agent.inference.frames import Frame
 
 
@@ -42,7 +42,7 @@ def _pixel_bytes(path: Path, index: int) -> tuple[UID, bytes]:
     if syntax.is_encapsulated:
         try:
             return syntax, get_frame(data, index, number_of_frames=count)
-        except Exception as exc:  # malformed encapsulation raises several types
+        except DICOM_ERRORS as exc:  # malformed encapsulation
             raise PermanentError(
                 f"cannot find frame {index + 1} in {path.name}: {type(exc).__name__}"
             ) from exc
@@ -52,13 +52,8 @@ def _pixel_bytes(path: Path, index: int) -> tuple[UID, bytes]:
 
 
 def _decoded(frame: Frame) -> np.ndarray:
-    try:
-        array: np.ndarray = pixel_array(frame.path, index=frame.index)
-    except Exception as exc:  # decoder plugins raise their own types
-        raise PermanentError(
-            f"cannot decode frame {frame.index + 1} of {frame.path.name}: {type(exc).__name__}"
-        ) from exc
-    return array
+    # The loader's own decoding (its plugin choice, deflate, sign extension), without rescale.
+    return stored_frame(DecodeItem(frame.path, frame.index, 1.0, 0.0))
 
 
 def same_pixels(a: Frame, b: Frame) -> bool:

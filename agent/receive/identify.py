@@ -11,6 +11,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from agent.dicom.files import DICOM_ERRORS
 from agent.errors import PermanentError
 
 _LAST_TAG_NEEDED = 0x0020000E  # Series Instance UID; everything we need sorts before it
@@ -64,6 +65,6 @@ def identify(raw: bytes, transfer_syntax: UID) -> Identifiers:
             stop_when=_stop,
         )
         values = [_raw_text(ds, tag) for tag in _TAGS]
-    except Exception as exc:  # pydicom raises many types for malformed input
+    except DICOM_ERRORS as exc:
         raise Unreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
     return Identifiers(*values)
