@@ -13,16 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ci import unavailable
 from tests.support.ports import free_port
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(message: str) -> None:
-    """Skip locally, fail in CI: CI must exercise every backend for real."""
-    if IN_CI:
-        pytest.fail(message + " (CI=true: not skipping)")
-    pytest.skip(message)
 
 
 def _listening(port: int) -> bool:
@@ -140,7 +132,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     url: str = request.getfixturevalue("postgres_url")
     from sqlalchemy import create_engine
 
-    from agent.db import Base
+    from agent.db.schema import Base
 
     engine = create_engine(url)
     Base.metadata.drop_all(engine)

@@ -28,6 +28,7 @@ import agent.inference.decode_pool as decode_pool_module
 from agent.errors import PermanentError
 from agent.inference.decode import DecodeItem, decode_frames, decoder_for, no_decoder_reason
 from agent.inference.decode_pool import shutdown_pool, warm_pool
+from tests.support.ci import unavailable
 from tests.support.data import REPO_ROOT, dicom_files, shared_data
 from tests.support.encodings import (
     BY_LABEL,
@@ -105,7 +106,7 @@ class Corpus:
         if key not in self._encoded:
             missing = encoder_missing(encoding.syntax)
             if missing is not None:
-                pytest.skip(f"cannot make {encoding.label} test files: {missing}")
+                unavailable(f"cannot make {encoding.label} test files: {missing}")
             source = self.native(series)
             if encoding.bits is not None:
                 source = reduce_bits(
@@ -284,7 +285,7 @@ def test_rescale_is_computed_in_float64_then_stored_as_float32(corpus: Corpus) -
 def test_multiframe_index_selects_the_frame(corpus: Corpus, tmp_path: Path, label: str) -> None:
     encoding = BY_LABEL[label]
     if (missing := encoder_missing(encoding.syntax)) is not None:
-        pytest.skip(f"cannot make {label} test files: {missing}")
+        unavailable(f"cannot make {label} test files: {missing}")
     singles = corpus.native("phantom")
     native = multiframe(singles, tmp_path / "native" / "mf.dcm")
     path = encode_series([native], encoding.syntax, tmp_path / label)[0]
