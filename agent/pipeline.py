@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from pydicom.dataset import Dataset
 
-from agent.db import TERMINAL, Database, InvalidTransition, State, Superseded
+from agent.db.database import Database
+from agent.db.states import TERMINAL, InvalidTransition, State, Superseded
 from agent.dicom.files import read_header
 from agent.dicom.uids import output_uids
 from agent.domain import FrameRef, Manifest

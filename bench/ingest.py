@@ -31,7 +31,9 @@ from typing import Any
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from agent.db import Database, State, Transition
+from agent.db.database import Database
+from agent.db.schema import Transition
+from agent.db.states import State
 from agent.spool.layout import SpoolLayout
 from bench.ct_series import write_ct_series
 from tests.support.agent import AgentProcess, agent_database, write_config

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.db import (
-    ArrivedInstance,
-    Database,
-    InvalidTransition,
-    State,
-    Superseded,
-    allowed,
-)
+from agent.db.database import Database
+from agent.db.states import InvalidTransition, State, Superseded, allowed
+from agent.db.values import ArrivedInstance
 from agent.logs import study_key
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"

@@ -17,15 +17,10 @@ from pydicom.dataset import Dataset
 
 from agent.assembly.policy import Clock, is_complete
 from agent.assembly.rules import select
-from agent.db import (
-    IN_FLIGHT,
-    ArrivedInstance,
-    Database,
-    InvalidTransition,
-    State,
-    Study,
-    Superseded,
-)
+from agent.db.database import Database
+from agent.db.schema import Study
+from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
+from agent.db.values import ArrivedInstance
 from agent.dicom.files import read_header
 from agent.domain import Manifest, ModelInput
 from agent.errors import PermanentError, RetryableError

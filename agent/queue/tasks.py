@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, Task
 
 from agent import pipeline
-from agent.db import State, Superseded
+from agent.db.states import State, Superseded
 from agent.errors import PermanentError, RetryableError, StudySkipped
 from agent.pipeline import PipelineContext
 from agent.settings import QueueSettings, Settings

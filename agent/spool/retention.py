@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent.db import Database, Study, utcnow
+from agent.db.database import Database, utcnow
+from agent.db.schema import Study
 from agent.logs import log_context
 from agent.spool.layout import SpoolLayout
 

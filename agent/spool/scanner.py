@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from agent.db import ArrivedInstance
+from agent.db.values import ArrivedInstance
 from agent.dicom.files import read_header
 from agent.errors import PermanentError
 from agent.spool.layout import SpoolLayout

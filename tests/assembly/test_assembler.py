@@ -15,7 +15,9 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from agent.assembly.assembler import WAITING_FOR_BROKER, Assembler
-from agent.db import ArrivedInstance, Database, State
+from agent.db.database import Database
+from agent.db.states import State
+from agent.db.values import ArrivedInstance
 from agent.domain import Manifest
 from agent.errors import RetryableError
 from agent.settings import ModelSettings

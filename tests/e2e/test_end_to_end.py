@@ -10,9 +10,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from agent.db import Database, State
+from agent.db.database import Database
+from agent.db.states import State
 from tests.e2e.outputs import fetch_outputs
-from tests.support.agent import AgentProcess, agent_database, cli, wait_for_study, write_config
+from tests.support.agent import (
+    AgentProcess,
+    agent_database,
+    cli,
+    serving_agent,
+    wait_for_study,
+    write_config,
+)
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
 from tests.support.orthanc import Orthanc
@@ -107,14 +115,8 @@ def _run_scenario(
 def test_embedded_broker_end_to_end(
     orthanc: Orthanc, phantom: PhantomTruth, tmp_path: Path
 ) -> None:
-    port = free_port()
-    config = write_config(
-        tmp_path / "agent",
-        port=port,
-        destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
-    )
-    with agent_database(config) as db, AgentProcess(config, "serve") as agent:
-        agent.wait_listening(port)
+    destination = (orthanc.aet, "127.0.0.1", orthanc.dicom_port)
+    with serving_agent(tmp_path / "agent", destinations=[destination]) as (agent, db, port):
         _run_scenario(agent, db, orthanc, port, phantom, tmp_path)
         assert agent.stop() == 0
 
@@ -125,7 +127,7 @@ def test_redis_broker_with_separate_workers(
     import redis
     from sqlalchemy import create_engine
 
-    from agent.db import Base
+    from agent.db.schema import Base
 
     redis.Redis.from_url(redis_url).flushdb()
     engine = create_engine(postgres_url)

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from agent.db import Database, State, Study
+from agent.db.database import Database
+from agent.db.schema import Study
+from agent.db.states import State
 from tests.e2e.outputs import fetch_outputs
-from tests.support.agent import AgentProcess, agent_database, wait_for_study, write_config
+from tests.support.agent import AgentProcess, serving_agent, wait_for_study
 from tests.support.dcmtk import storescu
 from tests.support.orthanc import Orthanc
 from tests.support.phantom import PhantomTruth, write_phantom_series
@@ -37,10 +39,7 @@ class Sent:
 def agent_with_study(tmp_path: Path, size: int = 96, **config: Any) -> Iterator[Sent]:
     """`serve` with this config, a small phantom already sent to it with storescu."""
     truth = write_phantom_series(tmp_path / "ct", slices=24, rows=size, cols=size)
-    port = free_port()
-    config_path = write_config(tmp_path / "agent", port=port, **config)
-    with agent_database(config_path) as db, AgentProcess(config_path, "serve") as agent:
-        agent.wait_listening(port)
+    with serving_agent(tmp_path / "agent", **config) as (agent, db, port):
         storescu(list(truth.files), port=port, called_aet="PACS_AGENT")
         yield Sent(agent, db, truth)
 

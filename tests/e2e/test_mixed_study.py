@@ -5,19 +5,21 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from agent.db import Database, State, Study
+from agent.db.database import Database
+from agent.db.schema import Study
+from agent.db.states import State
 from tests.e2e.outputs import fetch_outputs
-from tests.support.agent import AgentProcess, agent_database, cli, wait_for_study, write_config
+from tests.support.agent import AgentProcess, cli, serving_agent, wait_for_study
 from tests.support.dcmtk import storescu
 from tests.support.foreign import write_key_objects, write_localizer, write_pdf, write_text_sr
 from tests.support.orthanc import Orthanc
 from tests.support.phantom import write_phantom_series
-from tests.support.ports import free_port
 from tests.support.series import Series, write_enhanced_ct
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,14 @@ PATIENT_ID = "4711-0815-K"
 def orthanc() -> Iterator[Orthanc]:
     with Orthanc() as pacs:
         yield pacs
+
+
+def _serving(
+    orthanc: Orthanc, tmp_path: Path
+) -> AbstractContextManager[tuple[AgentProcess, Database, int]]:
+    """The agent as both tests run it: a short quiet time, results sent to `orthanc`."""
+    destination = (orthanc.aet, "127.0.0.1", orthanc.dicom_port)
+    return serving_agent(tmp_path / "agent", quiet_seconds=2, destinations=[destination])
 
 
 def _sop(path: Path) -> str:
@@ -76,15 +86,7 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
     localizer = write_localizer(tmp_path / "loc", study_uid)
     sr = write_text_sr(tmp_path / "other", study_uid)
     pdf = write_pdf(tmp_path / "other", study_uid)
-    port = free_port()
-    config = write_config(
-        tmp_path / "agent",
-        port=port,
-        quiet_seconds=2,
-        destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
-    )
-    with agent_database(config) as db, AgentProcess(config, "serve") as agent:
-        agent.wait_listening(port)
+    with _serving(orthanc, tmp_path) as (agent, db, port):
         storescu([localizer, *main, sr, pdf], port=port, called_aet="PACS_AGENT")
         done = wait_for_study(db, study_uid, {State.DONE, State.FAILED}, DEADLINE, agent.log_tail)
         assert done.state == State.DONE, f"{done.reason}\n{agent.log_tail()}"
@@ -102,7 +104,7 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
         assert out.seg.InstanceNumber == 1 and out.sr.InstanceNumber == 1
 
         # Every object is stored and listed; only the CT series was an input.
-        listing = cli("status", "--config", str(config), done.study_key)
+        listing = cli("status", "--config", str(agent.config), done.study_key)
         assert listing.returncode == 0, listing.stderr
         assert "40 x CT Image Storage  input of ct-tissue" in listing.stdout
         assert "1 x Encapsulated PDF Storage  stored" in listing.stdout
@@ -160,15 +162,7 @@ def test_enhanced_ct_gives_a_seg_on_its_frames(orthanc: Orthanc, tmp_path: Path)
     source = Series(truth.study_uid, truth.series_uid, str(first.FrameOfReferenceUID), truth.files)
     enhanced = write_enhanced_ct(tmp_path / "enhanced.dcm", source)
     header = pydicom.dcmread(enhanced, stop_before_pixels=True)
-    port = free_port()
-    config = write_config(
-        tmp_path / "agent",
-        port=port,
-        quiet_seconds=2,
-        destinations=[(orthanc.aet, "127.0.0.1", orthanc.dicom_port)],
-    )
-    with agent_database(config) as db, AgentProcess(config, "serve") as agent:
-        agent.wait_listening(port)
+    with _serving(orthanc, tmp_path) as (agent, db, port):
         storescu([enhanced], port=port, called_aet="PACS_AGENT")
         done = wait_for_study(
             db, truth.study_uid, {State.DONE, State.FAILED, State.SKIPPED}, DEADLINE, agent.log_tail

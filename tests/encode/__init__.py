@@ -6,7 +6,10 @@ same inputs to check that output bytes do not depend on the interpreter's hash s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -16,6 +19,11 @@ from agent.dicom.codes import ANATOMICAL_STRUCTURE, TISSUE
 from agent.dicom.uids import derive_uid
 from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
 from tests.support.phantom import write_phantom_series
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+    from agent.dicom.uids import OutputUids
 
 SYNTHETIC_SLICES = 10
 SYNTHETIC_SIZE = 64
@@ -81,32 +89,67 @@ def measurements_for(masks: np.ndarray, voxel_ml: float) -> list[Measurement]:
     return result
 
 
-def build_and_save(folder: Path) -> tuple[Path, Path]:
-    """Write the synthetic CT under `folder`, build SEG and SR from it, save both, return them."""
+@dataclass(frozen=True)
+class Encoded:
+    """A SEG and its SR over one set of source headers, with what went into them."""
+
+    seg: hd.seg.Segmentation
+    sr: hd.sr.Comprehensive3DSR
+    measurements: list[Measurement]
+    model: ModelIdentity
+    uids: OutputUids
+
+
+def encode(
+    headers: Sequence[Dataset],
+    masks: np.ndarray,
+    voxel_ml: float,
+    *,
+    segments: Sequence[SegmentSpec] = SEGMENTS,
+    identity: ModelIdentity | None = None,
+    frames: Sequence[tuple[int, int]] | None = None,
+    instance_number: int = 1,
+) -> Encoded:
+    """Build the SEG of `masks` over `headers` and the SR of their measurements, as a run of
+    the model (default: model()) would; nothing is saved."""
     # Imported here so that importing the helpers does not pull in highdicom.
     from agent.dicom.uids import output_uids
     from agent.encode.seg import build_seg
     from agent.encode.sr import build_sr
 
-    headers = read_headers(write_synthetic_ct(folder / "ct"))
-    masks = synthetic_masks(len(headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
-    identity = model()
+    identity = identity or model()
     uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
     seg = build_seg(
-        headers, masks, SEGMENTS, identity, uids, instance_number=1, disclaimer=DISCLAIMER
+        headers,
+        masks,
+        segments,
+        identity,
+        uids,
+        frames=frames,
+        instance_number=instance_number,
+        disclaimer=DISCLAIMER,
     )
-    voxel_ml = PIXEL_SPACING_MM * PIXEL_SPACING_MM * SLICE_THICKNESS_MM / 1000.0
+    measured = measurements_for(masks, voxel_ml)
     sr = build_sr(
         headers,
         seg,
-        SEGMENTS,
-        measurements_for(masks, voxel_ml),
+        segments,
+        measured,
         identity,
         uids,
-        instance_number=1,
+        instance_number=instance_number,
         disclaimer=DISCLAIMER,
     )
+    return Encoded(seg, sr, measured, identity, uids)
+
+
+def build_and_save(folder: Path) -> tuple[Path, Path]:
+    """Write the synthetic CT under `folder`, build SEG and SR from it, save both, return them."""
+    headers = read_headers(write_synthetic_ct(folder / "ct"))
+    masks = synthetic_masks(len(headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
+    voxel_ml = PIXEL_SPACING_MM * PIXEL_SPACING_MM * SLICE_THICKNESS_MM / 1000.0
+    encoded = encode(headers, masks, voxel_ml)
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
-    seg.save_as(seg_path, enforce_file_format=True)
-    sr.save_as(sr_path, enforce_file_format=True)
+    encoded.seg.save_as(seg_path, enforce_file_format=True)
+    encoded.sr.save_as(sr_path, enforce_file_format=True)
     return seg_path, sr_path

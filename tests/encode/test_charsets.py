@@ -12,16 +12,12 @@ import pytest
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 
-from agent.dicom.uids import output_uids
 from agent.domain import SegmentSpec
-from agent.encode.seg import build_seg
-from agent.encode.sr import build_sr
 from tests.encode import (
     DISCLAIMER,
     SEGMENTS,
     SYNTHETIC_SIZE,
-    measurements_for,
-    model,
+    encode,
     read_headers,
     synthetic_masks,
     write_synthetic_ct,
@@ -256,19 +252,10 @@ def outputs(
     folder = tmp_path_factory.mktemp(request.param)
     paths = _write_variant(base_ct, folder / "ct", variant)
     headers = read_headers(paths)
-    identity = model()
-    uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
     masks = synthetic_masks(len(headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
-    segments = variant.segments
-    seg = build_seg(
-        headers, masks, segments, identity, uids, instance_number=1, disclaimer=DISCLAIMER
-    )
-    measured = measurements_for(masks, 0.001)
-    sr = build_sr(
-        headers, seg, segments, measured, identity, uids, instance_number=1, disclaimer=DISCLAIMER
-    )
-    seg.save_as(folder / "seg.dcm", enforce_file_format=True)
-    sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    encoded = encode(headers, masks, 0.001, segments=variant.segments)
+    encoded.seg.save_as(folder / "seg.dcm", enforce_file_format=True)
+    encoded.sr.save_as(folder / "sr.dcm", enforce_file_format=True)
     # Every slice has the same patient and study values.
     return Outputs(paths[0], folder / "seg.dcm", folder / "sr.dcm", variant)
 

@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 
-from agent.dicom.uids import output_uids
-from agent.encode.seg import build_seg
-from agent.encode.sr import build_sr
 from tests.encode import (
-    DISCLAIMER,
-    SEGMENTS,
     SYNTHETIC_SIZE,
     build_and_save,
-    measurements_for,
+    encode,
     model,
     read_headers,
     synthetic_masks,
@@ -66,30 +61,9 @@ def _build(
     headers: list[Dataset], version: str, slices: slice, instance_number: int = 1
 ) -> tuple[Dataset, Dataset]:
     chosen = headers[slices]
-    identity = model(version)
-    uids = output_uids(chosen[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in chosen], identity)
     masks = synthetic_masks(len(chosen), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
-    seg = build_seg(
-        chosen,
-        masks,
-        SEGMENTS,
-        identity,
-        uids,
-        instance_number=instance_number,
-        disclaimer=DISCLAIMER,
-    )
-    measured = measurements_for(masks, 0.001)
-    sr = build_sr(
-        chosen,
-        seg,
-        SEGMENTS,
-        measured,
-        identity,
-        uids,
-        instance_number=instance_number,
-        disclaimer=DISCLAIMER,
-    )
-    return seg, sr
+    encoded = encode(chosen, masks, 0.001, identity=model(version), instance_number=instance_number)
+    return encoded.seg, encoded.sr
 
 
 def _minted(headers: list[Dataset], version: str, slices: slice) -> tuple[set[str], set[str]]:

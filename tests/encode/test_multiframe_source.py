@@ -17,13 +17,12 @@ from pydicom.uid import EnhancedCTImageStorage
 from agent.dicom.uids import derive_uid, output_uids
 from agent.encode.frames import verify_frames
 from agent.encode.seg import build_seg
-from agent.encode.sr import build_sr
 from agent.errors import PermanentError
 from tests.encode import (
     DISCLAIMER,
     SEGMENTS,
     SYNTHETIC_SIZE,
-    measurements_for,
+    encode,
     model,
     read_headers,
     synthetic_masks,
@@ -198,14 +197,9 @@ def test_sr_over_enhanced_ct_references_the_multiframe_instance(
 ) -> None:
     source = enhanced_ct(headers, STORED)
     masks = _masks(len(headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE)
-    seg = _seg([source], masks, _mapping(STORED, range(10)))
-    identity = model()
-    uids = output_uids(source.StudyInstanceUID, [source.SOPInstanceUID], identity)
-    measured = measurements_for(masks, 0.001)
-    sr = build_sr(
-        [source], seg, SEGMENTS, measured, identity, uids, instance_number=1, disclaimer=DISCLAIMER
-    )
-    path = _save(sr, tmp_path / "sr.dcm")
+    encoded = encode([source], masks, 0.001, frames=_mapping(STORED, range(10)))
+    seg = encoded.seg
+    path = _save(encoded.sr, tmp_path / "sr.dcm")
     assert_dciodvfy_clean(path)
     report = hd.sr.srread(path)
     (study,) = report.CurrentRequestedProcedureEvidenceSequence

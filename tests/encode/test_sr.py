@@ -24,9 +24,9 @@ from agent.dicom.codes import (
     VOLUME,
     coded,
 )
-from agent.dicom.uids import OutputUids, output_uids
+from agent.dicom.uids import OutputUids
 from agent.domain import Code, Measurement, ModelIdentity
-from agent.encode.seg import build_seg, tracking_uid
+from agent.encode.seg import tracking_uid
 from agent.encode.sr import build_sr
 from agent.errors import PermanentError
 from tests.encode import (
@@ -35,8 +35,7 @@ from tests.encode import (
     SEGMENTS,
     SLICE_THICKNESS_MM,
     SYNTHETIC_SIZE,
-    measurements_for,
-    model,
+    encode,
     read_headers,
     synthetic_masks,
     write_synthetic_ct,
@@ -56,17 +55,9 @@ class Built:
 
 
 def _build(headers: list[Dataset], masks: np.ndarray, voxel_ml: float, out: Path) -> Built:
-    identity = model()
-    uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
-    seg = build_seg(
-        headers, masks, SEGMENTS, identity, uids, instance_number=1, disclaimer=DISCLAIMER
-    )
-    measured = measurements_for(masks, voxel_ml)
-    sr = build_sr(
-        headers, seg, SEGMENTS, measured, identity, uids, instance_number=1, disclaimer=DISCLAIMER
-    )
-    sr.save_as(out, enforce_file_format=True)
-    return Built(headers, seg, measured, identity, uids, out)
+    encoded = encode(headers, masks, voxel_ml)
+    encoded.sr.save_as(out, enforce_file_format=True)
+    return Built(headers, encoded.seg, encoded.measurements, encoded.model, encoded.uids, out)
 
 
 @pytest.fixture(scope="module")
@@ -231,16 +222,22 @@ def test_sr_passes_dciodvfy(built: Built) -> None:
     assert_dciodvfy_clean(built.path)
 
 
-def _sr_for(built: Built, measured: list[Measurement]) -> hd.sr.Comprehensive3DSR:
-    """An SR over `built`'s SEG with other measurements."""
+def _sr_for(
+    built: Built,
+    measured: list[Measurement] | None = None,
+    *,
+    headers: list[Dataset] | None = None,
+    instance_number: int = 1,
+) -> hd.sr.Comprehensive3DSR:
+    """An SR over `built`'s SEG, with other measurements, source headers or instance number."""
     return build_sr(
-        built.headers,
+        built.headers if headers is None else headers,
         built.seg,
         SEGMENTS,
-        measured,
+        built.measurements if measured is None else measured,
         built.model,
         built.uids,
-        instance_number=1,
+        instance_number=instance_number,
         disclaimer=DISCLAIMER,
     )
 
@@ -284,41 +281,13 @@ def test_build_sr_rejects_inconsistent_measurements(
 
 
 def test_build_sr_wants_the_images_the_seg_was_derived_from(synthetic: Built) -> None:
-    measured = synthetic.measurements
     with pytest.raises(PermanentError, match="not those the SEG was derived from"):
-        build_sr(
-            synthetic.headers[1:],
-            synthetic.seg,
-            SEGMENTS,
-            measured,
-            synthetic.model,
-            synthetic.uids,
-            instance_number=1,
-            disclaimer=DISCLAIMER,
-        )
+        _sr_for(synthetic, headers=synthetic.headers[1:])
 
 
 @pytest.mark.parametrize("revision", [2, 17])
 def test_sr_carries_the_revision_as_instance_number(synthetic: Built, revision: int) -> None:
-    sr = build_sr(
-        synthetic.headers,
-        synthetic.seg,
-        SEGMENTS,
-        synthetic.measurements,
-        synthetic.model,
-        synthetic.uids,
-        instance_number=revision,
-        disclaimer=DISCLAIMER,
-    )
+    sr = _sr_for(synthetic, instance_number=revision)
     assert sr.InstanceNumber == revision
     with pytest.raises(PermanentError, match="instance number"):
-        build_sr(
-            synthetic.headers,
-            synthetic.seg,
-            SEGMENTS,
-            synthetic.measurements,
-            synthetic.model,
-            synthetic.uids,
-            instance_number=0,
-            disclaimer=DISCLAIMER,
-        )
+        _sr_for(synthetic, instance_number=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.errors import ConfigError
 from agent.receive.handlers import AccessControl
-from agent.receive.scp import start_receiver
-from agent.settings import AllowedCaller, ReceiverSettings, load_settings
-from agent.spool.layout import SpoolLayout
+from agent.settings import AllowedCaller, load_settings
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
+from tests.support.receiver import Receiver, loopback_settings
 
 CALLING, CALLED = AccessControl.CALLING_AE_TITLE_NOT_RECOGNIZED, 7
 
@@ -155,25 +152,6 @@ def test_good_hosts_are_accepted(host: str, network: str | None) -> None:
     assert (None if caller.network is None else str(caller.network)) == network
 
 
-class Receiver:
-    def __init__(self, root: Path, settings: ReceiverSettings) -> None:
-        self.layout = SpoolLayout(root)
-        self.layout.create()
-        self.server: ThreadedAssociationServer = start_receiver(
-            settings, self.layout, lambda _arrived: None
-        )
-        self.port: int = self.server.server_address[1]
-
-
-def _serve(tmp_path: Path, host: str = "127.0.0.1", **kwargs: object) -> Iterator[Receiver]:
-    settings = ReceiverSettings(host=host, port=0, **kwargs)  # type: ignore[arg-type]
-    receiver = Receiver(tmp_path / "spool", settings)
-    try:
-        yield receiver
-    finally:
-        receiver.server.shutdown()
-
-
 def _associate(
     port: int, calling: str = "MODALITY", called: str = "PACS_AGENT", host: str = "127.0.0.1"
 ) -> Association:
@@ -200,7 +178,7 @@ def _admitted(assoc: Association) -> bool:
 
 def test_loopback_network_allowed(tmp_path: Path) -> None:
     callers = (AllowedCaller(ae_title="MODALITY", host="127.0.0.0/8"),)
-    for receiver in _serve(tmp_path, allowed_callers=callers):
+    with Receiver(tmp_path / "spool", loopback_settings(allowed_callers=callers)) as receiver:
         assert _admitted(_associate(receiver.port))
         assert _rejection(_associate(receiver.port, calling="OTHER")) == (1, 1, CALLING)
 
@@ -209,7 +187,7 @@ def test_caller_outside_its_network_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     callers = (AllowedCaller(ae_title="MODALITY", host="10.0.0.0/8"),)
-    for receiver in _serve(tmp_path, allowed_callers=callers):
+    with Receiver(tmp_path / "spool", loopback_settings(allowed_callers=callers)) as receiver:
         with caplog.at_level(logging.WARNING, logger="agent.receive.handlers"):
             assert _rejection(_associate(receiver.port)) == (1, 1, CALLING)
         assert "calling AE title 'MODALITY' is not allowed from 127.0.0.1" in caplog.text
@@ -217,14 +195,15 @@ def test_caller_outside_its_network_is_refused(
 
 def test_caller_by_host_name(tmp_path: Path) -> None:
     callers = (AllowedCaller(ae_title="MODALITY", host="localhost"),)
-    for receiver in _serve(tmp_path, allowed_callers=callers):
+    with Receiver(tmp_path / "spool", loopback_settings(allowed_callers=callers)) as receiver:
         assert _admitted(_associate(receiver.port))
 
 
 def test_wrong_called_ae_title_is_refused_with_reason_7(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for receiver in _serve(tmp_path, accepted_called_ae_titles=("AI_SEG",)):
+    settings = loopback_settings(accepted_called_ae_titles=("AI_SEG",))
+    with Receiver(tmp_path / "spool", settings) as receiver:
         assert _admitted(_associate(receiver.port, called="PACS_AGENT"))
         assert _admitted(_associate(receiver.port, called="AI_SEG"))
         with caplog.at_level(logging.WARNING, logger="agent.receive.handlers"):
@@ -235,7 +214,7 @@ def test_wrong_called_ae_title_is_refused_with_reason_7(
         result = storescu(files, port=receiver.port, called_aet="SOMEONE", check=False)
         assert result.returncode != 0
         assert "Called AE Title Not Recognized" in result.stdout + result.stderr
-        assert not list(receiver.layout.studies.glob("*/*/*.dcm"))
+        assert not receiver.spooled()
 
 
 def _ipv6_loopback() -> bool:
@@ -253,7 +232,8 @@ def test_ipv6_network(tmp_path: Path) -> None:
         AllowedCaller(ae_title="MODALITY", host="::1/128"),
         AllowedCaller(ae_title="OTHER", host="fd00::/8"),
     )
-    for receiver in _serve(tmp_path, host="::1", allowed_callers=callers):
+    settings = loopback_settings(host="::1", allowed_callers=callers)
+    with Receiver(tmp_path / "spool", settings) as receiver:
         assert _admitted(_associate(receiver.port, host="::1"))
         assert _rejection(_associate(receiver.port, calling="OTHER", host="::1")) == (
             1,

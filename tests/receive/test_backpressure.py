@@ -10,22 +10,19 @@ import logging
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from agent.db import ArrivedInstance
-from agent.receive.scp import start_receiver
-from agent.settings import AllowedCaller, ReceiverSettings
-from agent.spool.layout import SpoolLayout
+from agent.settings import AllowedCaller
 from agent.spool.watermark import GB, DiskSpace, Watermark
 from tests.support.dcmtk import storescu
+from tests.support.receiver import Receiver, loopback_settings, minimal_ct
 
 PLENTY, SCARCE = 500 * GB, 1 * GB
 
@@ -44,37 +41,22 @@ class Disk:
         return DiskSpace(free_bytes=self.free, total_bytes=1000 * GB)
 
 
-@dataclass
-class Rig:
-    layout: SpoolLayout
-    disk: Disk
-    arrivals: list[ArrivedInstance]
-    port: int
+class Rig(Receiver):
+    """The receiver with a watermark on a `Disk`, so the test decides when the spool is low."""
 
-    def spooled(self) -> list[Path]:
-        return sorted(self.layout.studies.glob("*/*/*.dcm"))
-
-
-def _serve(tmp_path: Path, **settings: Any) -> Iterator[Rig]:
-    receiver = ReceiverSettings(host="127.0.0.1", port=0, **settings)
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.create()
-    disk = Disk()
-    # No cache: each check measures, so the test's change of free space shows at once.
-    watermark = Watermark(
-        layout.root, min_free_percent=10, min_free_bytes=5 * GB, probe=disk, cache_seconds=0.0
-    )
-    arrivals: list[ArrivedInstance] = []
-    server = start_receiver(receiver, layout, arrivals.append, watermark)
-    try:
-        yield Rig(layout, disk, arrivals, server.server_address[1])
-    finally:
-        server.shutdown()
+    def __init__(self, root: Path, **settings: Any) -> None:
+        self.disk = Disk()
+        # No cache: each check measures, so the test's change of free space shows at once.
+        watermark = Watermark(
+            root, min_free_percent=10, min_free_bytes=5 * GB, probe=self.disk, cache_seconds=0.0
+        )
+        super().__init__(root, loopback_settings(**settings), watermark)
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    yield from _serve(tmp_path)
+    with Rig(tmp_path / "spool") as rx:
+        yield rx
 
 
 def _sender(calling: str = "MODALITY") -> AE:
@@ -85,14 +67,7 @@ def _sender(calling: str = "MODALITY") -> AE:
 
 
 def _ct(pixel_bytes: int = 32) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
+    ds = minimal_ct()
     ds.BitsAllocated = 8
     ds.PixelData = b"\0" * pixel_bytes
     ds["PixelData"].VR = "OB"
@@ -149,7 +124,7 @@ def test_low_spool_refuses_then_recovers_without_restart(
 
 
 def test_not_allowed_caller_is_refused_permanently_even_while_low(tmp_path: Path) -> None:
-    for rig in _serve(tmp_path, allowed_callers=(AllowedCaller(ae_title="MODALITY"),)):
+    with Rig(tmp_path / "spool", allowed_callers=(AllowedCaller(ae_title="MODALITY"),)) as rig:
         rig.disk.free = SCARCE
         calls = rig.disk.calls
         # Access control answers first; the watermark's gate leaves a rejected association
@@ -178,7 +153,7 @@ def test_storescu_sees_the_congestion_and_succeeds_later(rig: Rig, tmp_path: Pat
 
 
 def test_oversized_instance_is_refused_and_not_written(tmp_path: Path) -> None:
-    for rig in _serve(tmp_path, max_instance_bytes=4096):
+    with Rig(tmp_path / "spool", max_instance_bytes=4096) as rig:
         assoc = _sender().associate("127.0.0.1", rig.port, ae_title="PACS_AGENT")
         assert assoc.is_established
         try:

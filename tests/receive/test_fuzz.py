@@ -21,12 +21,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from agent.db import ArrivedInstance
-from agent.receive.scp import start_receiver
-from agent.settings import ReceiverSettings
-from agent.spool.layout import SpoolLayout
 from tests.support.dcmtk import storescu
 from tests.support.phantom import write_phantom_series
+from tests.support.receiver import Receiver, loopback_settings
 
 SEED = 20261123
 RAW_CASES = 500
@@ -34,38 +31,23 @@ ASSOCIATE_CASES = 1000
 IDLE_TIMEOUT = 2.0
 
 
-class Receiver:
-    def __init__(self, root: Path) -> None:
-        self.layout = SpoolLayout(root)
-        self.layout.create()
-        self.arrivals: list[ArrivedInstance] = []
-        settings = ReceiverSettings(
-            host="127.0.0.1",
-            port=0,
-            network_timeout_seconds=IDLE_TIMEOUT,
-            acse_timeout_seconds=IDLE_TIMEOUT,
-            max_associations=8,
-        )
-        self.server = start_receiver(settings, self.layout, self.arrivals.append)
-        self.port: int = self.server.server_address[1]
-
-    def echo(self) -> int:
-        ae = AE(ae_title="CHECK")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="PACS_AGENT")
-        assert assoc.is_established, "the listener no longer accepts associations"
-        status = int(assoc.send_c_echo().Status)
-        assoc.release()
-        return status
-
-
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    rx = Receiver(tmp_path / "spool")
-    try:
+    settings = loopback_settings(
+        network_timeout_seconds=IDLE_TIMEOUT, acse_timeout_seconds=IDLE_TIMEOUT, max_associations=8
+    )
+    with Receiver(tmp_path / "spool", settings) as rx:
         yield rx
-    finally:
-        rx.server.shutdown()
+
+
+def _echo(port: int) -> int:
+    ae = AE(ae_title="CHECK")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AGENT")
+    assert assoc.is_established, "the listener no longer accepts associations"
+    status = int(assoc.send_c_echo().Status)
+    assoc.release()
+    return status
 
 
 def _send(port: int, payload: bytes, *, linger: float = 0.0) -> None:
@@ -148,17 +130,14 @@ def test_malformed_pdus_from_concurrent_peers_leave_the_listener_serving(
         cases.append((_mutate(template, rng), 0.05 if index % 2 else 0.0))
     rng.shuffle(cases)
 
-    def attack(batch: list[tuple[bytes, float]]) -> None:
-        # Eight hostile peers at a time, as a scanner would connect.
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda case: _send(receiver.port, case[0], linger=case[1]), batch))
-        # Peers that left half a PDU behind hold a slot until the ACSE timeout; then all is free.
-        _threads_settle(threads_before, IDLE_TIMEOUT * 3 + 10)
-
-    attack(cases)
-    assert receiver.echo() == 0x0000
-    # Every association thread of a dropped peer ended.
-    assert threading.active_count() <= threads_before + 1
+    # Eight hostile peers at a time, as a scanner would connect.
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda case: _send(receiver.port, case[0], linger=case[1]), cases))
+    # A peer that left half a PDU behind holds a slot until the ACSE timeout; then all is free.
+    _threads_settle(threads_before, IDLE_TIMEOUT * 3 + 10)
+    assert _echo(receiver.port) == 0x0000
+    # Every association thread of a dropped peer ended, and so do the echo's own.
+    assert _threads_settle(threads_before, IDLE_TIMEOUT * 3 + 10) <= threads_before + 1
     assert receiver.arrivals == []
 
     # And a normal study still goes through, with a real sender.

@@ -8,50 +8,24 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE, Association, _config
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
-from agent.db import ArrivedInstance
-from agent.receive.scp import start_receiver
-from agent.settings import AllowedCaller, ReceiverSettings
-from agent.spool.layout import SpoolLayout
+from agent.settings import AllowedCaller
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
 from tests.support.foreign import FOREIGN_WRITERS, PRIVATE_SOP_CLASS
-
-
-class Receiver:
-    def __init__(self, root: Path, settings: ReceiverSettings) -> None:
-        self.layout = SpoolLayout(root)
-        self.layout.create()
-        self.arrivals: list[ArrivedInstance] = []
-        self.server: ThreadedAssociationServer = start_receiver(
-            settings, self.layout, self.arrivals.append
-        )
-        self.port: int = self.server.server_address[1]
-        self.ae_title = settings.ae_title
-
-    def spooled(self) -> list[Path]:
-        return sorted(self.layout.studies.glob("*/*/*.dcm"))
-
-
-def _start(tmp_path: Path, **kwargs: object) -> Iterator[Receiver]:
-    settings = ReceiverSettings(host="127.0.0.1", port=0, **kwargs)  # type: ignore[arg-type]
-    receiver = Receiver(tmp_path / "spool", settings)
-    try:
-        yield receiver
-    finally:
-        receiver.server.shutdown()
+from tests.support.receiver import Receiver, loopback_settings, minimal_ct
 
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    yield from _start(tmp_path)
+    with Receiver(tmp_path / "spool", loopback_settings()) as rx:
+        yield rx
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -119,14 +93,7 @@ def test_store_jpeg2000_with_storescu_keeps_bytes(receiver: Receiver) -> None:
 
 
 def _ct(**overrides: object) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
+    ds = minimal_ct()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the invalid UIDs are the point of the test
         for key, value in overrides.items():
@@ -200,13 +167,12 @@ def test_write_failure_returns_out_of_resources(receiver: Receiver) -> None:
 
 @pytest.fixture
 def restricted(tmp_path: Path) -> Iterator[Receiver]:
-    yield from _start(
-        tmp_path,
-        allowed_callers=(
-            AllowedCaller(ae_title="MODALITY"),
-            AllowedCaller(ae_title="FROMHOST", host="127.0.0.2"),
-        ),
+    callers = (
+        AllowedCaller(ae_title="MODALITY"),
+        AllowedCaller(ae_title="FROMHOST", host="127.0.0.2"),
     )
+    with Receiver(tmp_path / "spool", loopback_settings(allowed_callers=callers)) as rx:
+        yield rx
 
 
 def test_calling_ae_not_on_list_is_rejected(restricted: Receiver) -> None:
@@ -299,7 +265,8 @@ def test_foreign_and_private_objects_are_stored(receiver: Receiver, tmp_path: Pa
 
 
 def test_unlisted_private_sop_class_is_refused_at_association(tmp_path: Path) -> None:
-    for receiver in _start(tmp_path, private_sop_classes=()):
+    settings = loopback_settings(private_sop_classes=())
+    with Receiver(tmp_path / "spool", settings) as receiver:
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context("1.3.12.2.1107.5.9.1", ExplicitVRLittleEndian)
         with warnings.catch_warnings():

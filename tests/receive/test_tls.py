@@ -15,24 +15,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
-from agent.db import ArrivedInstance
 from agent.errors import ConfigError
-from agent.receive.scp import start_receiver
-from agent.settings import DestinationTls, ReceiverSettings, ReceiverTls, SecretRef
-from agent.spool.layout import SpoolLayout
+from agent.settings import DestinationTls, ReceiverTls, SecretRef
 from agent.tls import client_context
 from tests.support.agent import cli, write_config
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
 from tests.support.pki import KEY_PASSWORD, Pki, make_pki
 from tests.support.ports import free_port
+from tests.support.receiver import Receiver, loopback_settings, minimal_ct
 
 
 @pytest.fixture(scope="module")
@@ -51,33 +47,10 @@ def _receiver_tls(pki: Pki, **overrides: object) -> ReceiverTls:
     return ReceiverTls.model_validate(values)
 
 
-class Receiver:
-    """The receiver on an ephemeral loopback port, with what it spooled."""
-
-    def __init__(self, root: Path, settings: ReceiverSettings) -> None:
-        self.layout = SpoolLayout(root)
-        self.layout.create()
-        self.arrivals: list[ArrivedInstance] = []
-        self.server: ThreadedAssociationServer = start_receiver(
-            settings, self.layout, self.arrivals.append
-        )
-        self.port: int = self.server.server_address[1]
-
-    def spooled(self) -> list[Path]:
-        return sorted(self.layout.studies.glob("*/*/*.dcm"))
-
-
-def _start(tmp_path: Path, tls: ReceiverTls) -> Iterator[Receiver]:
-    receiver = Receiver(tmp_path / "spool", ReceiverSettings(host="127.0.0.1", port=0, tls=tls))
-    try:
-        yield receiver
-    finally:
-        receiver.server.shutdown()
-
-
 @pytest.fixture
 def receiver(tmp_path: Path, pki: Pki) -> Iterator[Receiver]:
-    yield from _start(tmp_path, _receiver_tls(pki))
+    with Receiver(tmp_path / "spool", loopback_settings(tls=_receiver_tls(pki))) as rx:
+        yield rx
 
 
 def _client_context(
@@ -102,18 +75,6 @@ def _connect(port: int, ctx: ssl.SSLContext | None) -> Association:
     return assoc
 
 
-def _ct() -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    return ds
-
-
 def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -123,11 +84,8 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
 
 
 def _refused_at_start(tmp_path: Path, tls: ReceiverTls) -> str:
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.create()
-    settings = ReceiverSettings(host="127.0.0.1", port=0, tls=tls)
     with pytest.raises(ConfigError) as info:
-        start_receiver(settings, layout, lambda _: None)
+        Receiver(tmp_path / "spool", loopback_settings(tls=tls))
     return str(info.value)
 
 
@@ -136,7 +94,7 @@ def test_echo_and_store_over_tls(receiver: Receiver, pki: Pki) -> None:
     assert assoc.is_established
     try:
         assert assoc.send_c_echo().Status == 0x0000
-        assert assoc.send_c_store(_ct()).Status == 0x0000
+        assert assoc.send_c_store(minimal_ct()).Status == 0x0000
     finally:
         assoc.release()
     assert len(receiver.spooled()) == 1 == len(receiver.arrivals)
@@ -181,7 +139,8 @@ def test_sender_that_does_not_trust_our_ca_gets_nowhere(receiver: Receiver, pki:
 
 def test_optional_client_certificate(tmp_path: Path, pki: Pki) -> None:
     """Without require_client_certificate a sender may come without one, not with a bad one."""
-    for receiver in _start(tmp_path, _receiver_tls(pki, require_client_certificate=False)):
+    settings = loopback_settings(tls=_receiver_tls(pki, require_client_certificate=False))
+    with Receiver(tmp_path / "spool", settings) as receiver:
         anonymous = _connect(receiver.port, _client_context(pki.ca))
         assert anonymous.is_established
         anonymous.release()
@@ -239,16 +198,12 @@ def test_encrypted_key_password_is_never_shown(
         private_key=pki.server_key_encrypted,
         private_key_password=SecretRef(env="PACS_AGENT_TEST_KEY_PASSWORD"),
     )
-    settings = ReceiverSettings(host="127.0.0.1", port=0, tls=tls)
-    with caplog.at_level(logging.DEBUG):
-        receiver = Receiver(tmp_path / "spool", settings)
-        try:
-            ctx = _client_context(pki.ca, pki.client_cert, pki.client_key)
-            assoc = _connect(receiver.port, ctx)
-            assert assoc.is_established
-            assoc.release()
-        finally:
-            receiver.server.shutdown()
+    settings = loopback_settings(tls=tls)
+    with caplog.at_level(logging.DEBUG), Receiver(tmp_path / "spool", settings) as receiver:
+        ctx = _client_context(pki.ca, pki.client_cert, pki.client_key)
+        assoc = _connect(receiver.port, ctx)
+        assert assoc.is_established
+        assoc.release()
     for shown in (caplog.text, repr(settings), str(settings), settings.model_dump_json()):
         assert KEY_PASSWORD not in shown
     assert "PACS_AGENT_TEST_KEY_PASSWORD" in repr(settings)

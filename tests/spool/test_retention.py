@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from agent.db import NEVER_PURGED, ArrivedInstance, Database, State
+from agent.db.database import Database
+from agent.db.schema import NEVER_PURGED
+from agent.db.states import State
+from agent.db.values import ArrivedInstance
 from agent.logs import study_key
 from agent.spool.layout import SpoolLayout
 from agent.spool.retention import RetentionSweeper, purge_expired

@@ -9,8 +9,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from agent.db import Database, State, Study
+from agent.db.database import Database
+from agent.db.schema import Study
+from agent.db.states import State
 from agent.settings import load_settings
 from tests.support.ports import free_port, wait_until_listening
 from tests.support.process import ManagedProcess
@@ -124,6 +127,17 @@ def agent_database(config: Path) -> Iterator[Database]:
         yield db
     finally:
         db.dispose()
+
+
+@contextlib.contextmanager
+def serving_agent(folder: Path, **config: Any) -> Iterator[tuple[AgentProcess, Database, int]]:
+    """`pacs-agent serve` on a free port, listening, with a config written under `folder`
+    (`config` as write_config takes it); yields the process, its database and the port."""
+    port = free_port()
+    path = write_config(folder, port=port, **config)
+    with agent_database(path) as db, AgentProcess(path, "serve") as agent:
+        agent.wait_listening(port)
+        yield agent, db, port
 
 
 def wait_for_study(

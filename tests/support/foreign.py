@@ -20,7 +20,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.support.phantom import ct_file_meta, ct_slice_header
+from tests.support.phantom import ct_file_meta, ct_slice_header, set_patient_and_study
 
 # A vendor's private non-image SOP class (Siemens CSA Non-Image Storage), as sent by scanners.
 PRIVATE_SOP_CLASS = "1.3.12.2.1107.5.9.1"
@@ -31,16 +31,7 @@ def _base(study_uid: str, sop_class: str, modality: str, series_number: int) -> 
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
-    ds.PatientName = "PHANTOM^CT"
-    ds.PatientID = "PHANTOM-001"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.StudyID = "1"
-    ds.AccessionNumber = "PHANTOM1"
-    ds.ReferringPhysicianName = ""
+    set_patient_and_study(ds, study_uid)
     ds.Modality = modality
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = series_number

@@ -91,13 +91,14 @@ def truth_volumes_ml(labels: np.ndarray, voxel_ml: float) -> dict[str, float]:
     }
 
 
-def _ds(value: float) -> str:
+def decimal_string(value: float) -> str:
     """A Decimal String (PS3.5 6.2: at most 16 characters) for a position or spacing in mm."""
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
 
 
-def _uid(*parts: object) -> str:
+def derived_uid(*parts: object) -> str:
+    """A UID derived from `parts`: the same parts give the same UID on every run."""
     return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
@@ -123,8 +124,8 @@ def write_phantom_series(
     """
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or str(generate_uid())
-    series_uid = _uid("phantom series", study_uid, series_number, seed)
-    frame_uid = _uid("phantom frame", study_uid, series_number, seed)
+    series_uid = derived_uid("phantom series", study_uid, series_number, seed)
+    frame_uid = derived_uid("phantom frame", study_uid, series_number, seed)
     labels = phantom_labels(slices, rows, cols, pixel_spacing, slice_spacing)
     stored = np.round(phantom_hu(labels, seed) + 1024.0).astype(np.uint16)
     x0 = -(cols - 1) / 2 * pixel_spacing
@@ -133,14 +134,14 @@ def write_phantom_series(
     sop_uids: list[str] = []
     files: list[Path] = []
     for index in range(slices):
-        sop_uid = _uid("phantom instance", series_uid, index)
+        sop_uid = derived_uid("phantom instance", series_uid, index)
         ds = ct_slice_header(study_uid, series_uid, frame_uid, sop_uid, series_number)
         ds.InstanceNumber = index + 1
         z = z0 + index * slice_spacing
-        ds.ImagePositionPatient = [_ds(x0), _ds(y0), _ds(z)]
-        ds.SliceLocation = _ds(z)
-        ds.PixelSpacing = [_ds(pixel_spacing), _ds(pixel_spacing)]
-        ds.SliceThickness = _ds(slice_spacing)
+        ds.ImagePositionPatient = [decimal_string(x0), decimal_string(y0), decimal_string(z)]
+        ds.SliceLocation = decimal_string(z)
+        ds.PixelSpacing = [decimal_string(pixel_spacing), decimal_string(pixel_spacing)]
+        ds.SliceThickness = decimal_string(slice_spacing)
         ds.Rows, ds.Columns = rows, cols
         ds.PixelData = stored[index].tobytes()
         if transfer_syntax.is_compressed:
@@ -174,16 +175,8 @@ def ct_file_meta(sop_uid: str, transfer_syntax: UID) -> FileMetaDataset:
     return meta
 
 
-def ct_slice_header(
-    study_uid: str, series_uid: str, frame_uid: str, sop_uid: str, series_number: int
-) -> Dataset:
-    """Everything of one slice but its position and pixels."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    # Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1).
+def set_patient_and_study(ds: Dataset, study_uid: str) -> None:
+    """The phantom's Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) in `ds`."""
     ds.PatientName = "PHANTOM^CT"
     ds.PatientID = "PHANTOM-001"
     ds.PatientBirthDate = ""
@@ -194,6 +187,18 @@ def ct_slice_header(
     ds.StudyID = "1"
     ds.AccessionNumber = "PHANTOM1"
     ds.ReferringPhysicianName = ""
+
+
+def ct_slice_header(
+    study_uid: str, series_uid: str, frame_uid: str, sop_uid: str, series_number: int
+) -> Dataset:
+    """Everything of one slice but its position and pixels."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    set_patient_and_study(ds, study_uid)
     # General Series, Frame of Reference, General Equipment (PS3.3 C.7.3.1, C.7.4.1, C.7.5.1).
     ds.Modality = "CT"
     ds.SeriesInstanceUID = series_uid

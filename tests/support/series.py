@@ -25,7 +25,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.support.phantom import ct_file_meta, ct_slice_header, phantom_hu, phantom_labels
+from tests.support.phantom import (
+    ct_file_meta,
+    ct_slice_header,
+    decimal_string,
+    derived_uid,
+    phantom_hu,
+    phantom_labels,
+)
 
 Orientation = tuple[float, float, float, float, float, float]
 # ImageOrientationPatient (row direction, then column direction) of the usual planes.
@@ -140,16 +147,6 @@ def stack_specs(
     return specs
 
 
-def _ds(value: float) -> str:
-    """A Decimal String of at most 16 characters (PS3.5 6.2)."""
-    text = f"{value:.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
-
-
-def _uid(*parts: object) -> str:
-    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
-
-
 def write_specs(
     folder: Path,
     specs: Sequence[SliceSpec],
@@ -162,27 +159,27 @@ def write_specs(
     sop_uid); file names do not follow slice order."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or str(generate_uid())
-    series_uid = _uid("series", study_uid, series_number)
-    frame_uid = _uid("frame", study_uid, series_number)
+    series_uid = derived_uid("series", study_uid, series_number)
+    frame_uid = derived_uid("frame", study_uid, series_number)
     files: list[Path] = []
     sop_uids: list[str] = []
     for index, spec in enumerate(specs):
-        sop_uid = spec.sop_uid or _uid("instance", series_uid, index)
+        sop_uid = spec.sop_uid or derived_uid("instance", series_uid, index)
         ds = ct_slice_header(study_uid, series_uid, frame_uid, sop_uid, series_number)
         ds.ImageType = list(spec.image_type)
-        ds.ImageOrientationPatient = [_ds(v) for v in spec.orientation]
+        ds.ImageOrientationPatient = [decimal_string(v) for v in spec.orientation]
         if spec.position is not None:
-            ds.ImagePositionPatient = [_ds(v) for v in spec.position]
-        ds.PixelSpacing = [_ds(spec.pixel_spacing)] * 2
+            ds.ImagePositionPatient = [decimal_string(v) for v in spec.position]
+        ds.PixelSpacing = [decimal_string(spec.pixel_spacing)] * 2
         if spec.thickness is not None:
-            ds.SliceThickness = _ds(spec.thickness)
+            ds.SliceThickness = decimal_string(spec.thickness)
         if spec.instance_number is not None:
             ds.InstanceNumber = spec.instance_number
         ds.AcquisitionNumber = spec.acquisition_number
-        ds.RescaleSlope = _ds(spec.slope)
-        ds.RescaleIntercept = _ds(spec.intercept)
+        ds.RescaleSlope = decimal_string(spec.slope)
+        ds.RescaleIntercept = decimal_string(spec.intercept)
         if spec.gantry_tilt is not None:
-            ds.GantryDetectorTilt = _ds(spec.gantry_tilt)
+            ds.GantryDetectorTilt = decimal_string(spec.gantry_tilt)
         ds.Rows, ds.Columns = spec.pixels.shape
         ds.PixelData = spec.pixels.astype(np.uint16).tobytes()
         ds.file_meta = ct_file_meta(sop_uid, ExplicitVRLittleEndian)
@@ -268,8 +265,8 @@ def write_with_duplicates(
     SOP instance itself (received twice), `copies` is another SOP instance with the same
     position and pixels, `different` another one at the same position with other pixels."""
     specs = stack_specs(slices)
-    series_uid = _uid("duplicates", folder, slices)
-    uids = [_uid(series_uid, k) for k in range(slices)]
+    series_uid = derived_uid("duplicates", folder, slices)
+    uids = [derived_uid(series_uid, k) for k in range(slices)]
     specs = [replace(s, sop_uid=u) for s, u in zip(specs, uids, strict=True)]
     extra = [replace(specs[k], sop_uid=uids[k]) for k in resent]
     extra += [replace(specs[k], sop_uid=None) for k in copies]
@@ -347,6 +344,16 @@ def _item(**attributes: object) -> Dataset:
     return item
 
 
+def _frame_type(frame_type: list[str]) -> Dataset:
+    """A CT or MR Image Frame Type item (PS3.3 C.8.15.3.1, C.8.13.5.1) of a whole volume."""
+    return _item(
+        FrameType=frame_type,
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+    )
+
+
 def _triple(values: Sequence[object]) -> tuple[float, float, float]:
     x, y, z = (float(v) for v in values)  # type: ignore[arg-type]
     return (x, y, z)
@@ -359,7 +366,7 @@ def _orientation(values: Sequence[object]) -> Orientation:
 
 def _enhanced_header(study_uid: str, frame_uid: str, sop_uid: str, sop_class: str) -> Dataset:
     """The phantom header without the single-frame image plane and pixel transform attributes."""
-    ds = ct_slice_header(study_uid, _uid("series of", sop_uid), frame_uid, sop_uid, 2)
+    ds = ct_slice_header(study_uid, derived_uid("series of", sop_uid), frame_uid, sop_uid, 2)
     for keyword in (
         "ImageOrientationPatient",
         "RescaleSlope",
@@ -388,7 +395,7 @@ def _save_enhanced(
     """
     ds.NumberOfFrames = len(frames)
     ds.Rows, ds.Columns = frames[0].pixels.shape
-    organization = _uid("dimensions", ds.SOPInstanceUID)
+    organization = derived_uid("dimensions", ds.SOPInstanceUID)
     ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organization)]
     ds.DimensionIndexSequence = [
         _item(
@@ -401,7 +408,9 @@ def _save_enhanced(
     ds.SharedFunctionalGroupsSequence = [shared]
     ds.PerFrameFunctionalGroupsSequence = [
         _item(
-            PlanePositionSequence=[_item(ImagePositionPatient=[_ds(v) for v in f.position])],
+            PlanePositionSequence=[
+                _item(ImagePositionPatient=[decimal_string(v) for v in f.position])
+            ],
             FrameContentSequence=[
                 _item(
                     StackID=f.stack_id,
@@ -425,9 +434,14 @@ def _shared(
 ) -> Dataset:
     """Shared functional groups: Plane Orientation, Pixel Measures and the given macros."""
     return _item(
-        PlaneOrientationSequence=[_item(ImageOrientationPatient=[_ds(v) for v in orientation])],
+        PlaneOrientationSequence=[
+            _item(ImageOrientationPatient=[decimal_string(v) for v in orientation])
+        ],
         PixelMeasuresSequence=[
-            _item(PixelSpacing=[_ds(pixel_spacing)] * 2, SliceThickness=_ds(thickness))
+            _item(
+                PixelSpacing=[decimal_string(pixel_spacing)] * 2,
+                SliceThickness=decimal_string(thickness),
+            )
         ],
         **macros,
     )
@@ -452,9 +466,10 @@ def write_enhanced_ct(path: Path, source: Series, order: Sequence[int] | None = 
     normal = normal_of(orientation)
     along = [float(normal @ np.asarray(_triple(ds.ImagePositionPatient))) for ds in images]
     rank = {k: r + 1 for r, k in enumerate(sorted(range(len(images)), key=along.__getitem__))}
-    sop_uid = _uid("enhanced ct", source.series_uid, tuple(order))
+    sop_uid = derived_uid("enhanced ct", source.series_uid, tuple(order))
     ds = _enhanced_header(source.study_uid, source.frame_uid, sop_uid, EnhancedCTImageStorage)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    image_type = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.ImageType = image_type
     shared = _shared(
         orientation,
         float(first.PixelSpacing[0]),
@@ -466,14 +481,7 @@ def write_enhanced_ct(path: Path, source: Series, order: Sequence[int] | None = 
                 RescaleType="HU",
             )
         ],
-        CTImageFrameTypeSequence=[
-            _item(
-                FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
-                PixelPresentation="MONOCHROME",
-                VolumetricProperties="VOLUME",
-                VolumeBasedCalculationTechnique="NONE",
-            )
-        ],
+        CTImageFrameTypeSequence=[_frame_type(image_type)],
     )
     frames = [
         _EnhancedFrame(_triple(images[k].ImagePositionPatient), images[k].pixel_array, "1", rank[k])
@@ -490,9 +498,9 @@ def write_legacy_enhanced_ct(
     order = shuffled(len(source.files)) if order is None else list(order)
     image = LegacyConvertedEnhancedCTImage(
         legacy_datasets=[pydicom.dcmread(source.files[k]) for k in order],
-        series_instance_uid=_uid("legacy series", source.series_uid),
+        series_instance_uid=derived_uid("legacy series", source.series_uid),
         series_number=3,
-        sop_instance_uid=_uid("legacy", source.series_uid, tuple(order)),
+        sop_instance_uid=derived_uid("legacy", source.series_uid, tuple(order)),
         instance_number=1,
         # Keep the given frame order rather than let highdicom sort the frames.
         include_dimension_index=False,
@@ -513,24 +521,20 @@ def write_enhanced_mr(
     """An Enhanced MR Image (PS3.3 A.36) with `stacks` axial stacks (StackID "1", "2", ...),
     stack s shifted by s x offset_mm along z (0: all at the same positions), frames of the
     stacks interleaved in storage order. No rescale: MR stored values are the values."""
-    sop_uid = _uid("enhanced mr", stacks, frames_per_stack, offset_mm)
-    study_uid = _uid("study of", sop_uid)
-    ds = _enhanced_header(study_uid, _uid("frame of", sop_uid), sop_uid, EnhancedMRImageStorage)
+    sop_uid = derived_uid("enhanced mr", stacks, frames_per_stack, offset_mm)
+    study_uid = derived_uid("study of", sop_uid)
+    ds = _enhanced_header(
+        study_uid, derived_uid("frame of", sop_uid), sop_uid, EnhancedMRImageStorage
+    )
     ds.Modality = "MR"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "T1", "NONE"]
+    image_type = ["ORIGINAL", "PRIMARY", "T1", "NONE"]
+    ds.ImageType = image_type
     del ds.KVP
     shared = _shared(
         AXIAL,
         PIXEL_SPACING,
         slice_spacing,
-        MRImageFrameTypeSequence=[
-            _item(
-                FrameType=["ORIGINAL", "PRIMARY", "T1", "NONE"],
-                PixelPresentation="MONOCHROME",
-                VolumetricProperties="VOLUME",
-                VolumeBasedCalculationTechnique="NONE",
-            )
-        ],
+        MRImageFrameTypeSequence=[_frame_type(image_type)],
     )
     specs = [
         stack_specs(frames_per_stack, slice_spacing=slice_spacing, seed=s) for s in range(stacks)

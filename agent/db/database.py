@@ -1,187 +1,32 @@
-"""The study database (SQLAlchemy): studies, their instances, and the timestamped state machine."""
+"""Typed access to the study database: arrivals, queries, retention claims, state changes."""
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import (
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
-    func,
-    insert,
-    inspect,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import Connection, CursorResult, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.schema import DefaultClause
+from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
+from agent.db import schema
+from agent.db.schema import Instance, Study, Transition
+from agent.db.states import InvalidTransition, State, Superseded, allowed
+from agent.db.values import ArrivedInstance, StudyStatus
 from agent.errors import PermanentError
 from agent.logs import study_key
-
-
-class State(enum.StrEnum):
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    QUEUED = "queued"
-    INFERRING = "inferring"
-    EXPORTING = "exporting"
-    DONE = "done"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-
-TERMINAL = frozenset({State.DONE, State.SKIPPED, State.FAILED})
-IN_FLIGHT = frozenset({State.QUEUED, State.INFERRING, State.EXPORTING})
-
-# The forward path; any state may also go back to RECEIVING (a new instance arrived, so the
-# study is re-assembled under a new job) and any non-terminal state may end SKIPPED or FAILED.
-_FORWARD: dict[State, frozenset[State]] = {
-    State.RECEIVING: frozenset({State.COMPLETE}),
-    # COMPLETE -> DONE: re-opened by a late arrival that left every model's input unchanged.
-    State.COMPLETE: frozenset({State.QUEUED, State.DONE}),
-    # QUEUED -> QUEUED records that the broker could not take the job yet.
-    State.QUEUED: frozenset({State.QUEUED, State.INFERRING}),
-    # INFERRING -> INFERRING: a redelivered task (acks_late after a worker died) starts over.
-    State.INFERRING: frozenset({State.INFERRING, State.EXPORTING}),
-    # EXPORTING -> EXPORTING records a retry with its reason.
-    State.EXPORTING: frozenset({State.DONE, State.EXPORTING}),
-}
-
-
-def allowed(current: State, target: State) -> bool:
-    """Whether the state machine permits current -> target."""
-    if target is State.RECEIVING:
-        return True
-    if target in (State.SKIPPED, State.FAILED):
-        return current not in TERMINAL
-    return target in _FORWARD.get(current, frozenset())
-
-
-# Any fixed 64-bit number; it names "pacs-agent schema creation" among advisory locks.
-_SCHEMA_LOCK_KEY = 0x7061637361676E74
-
-
-class InvalidTransition(PermanentError):
-    pass
-
-
-class Superseded(PermanentError):
-    """The job is no longer the study's current job (new instances arrived); stop quietly."""
-
-
-# `Study.purged_at` of a study whose files the retention sweep has never deleted.
-NEVER_PURGED = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class UtcDateTime(DateTime):
-    """Timezone-aware UTC timestamps on every backend (SQLite drops the zone on its own)."""
-
-    cache_ok = True
-
-    def __init__(self) -> None:
-        super().__init__(timezone=True)
-
-
-class Study(Base):
-    __tablename__ = "study"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    study_key: Mapped[str] = mapped_column(String(16), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    reason: Mapped[str] = mapped_column(Text, default="")
-    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    # Revision of the results: +1 each time a different input is queued (late arrivals).
-    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Digest of the queued job's input, and of the input whose results were last sent.
-    input_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
-    done_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
-    first_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
-    last_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
-    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    # When the retention sweep last deleted the study's files; a change after that (a late
-    # instance reopening it) makes the study's new files due for the sweep in their turn.
-    purged_at: Mapped[datetime] = mapped_column(
-        UtcDateTime(), default=NEVER_PURGED, server_default="1970-01-01 00:00:00+00:00"
-    )
-
-
-class Instance(Base):
-    __tablename__ = "instance"
-    __table_args__ = (UniqueConstraint("study_id", "sop_uid"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    series_uid: Mapped[str] = mapped_column(String(64))
-    sop_uid: Mapped[str] = mapped_column(String(64))
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
-
-
-class Transition(Base):
-    __tablename__ = "transition"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    state: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(Text, default="")
-    at: Mapped[datetime] = mapped_column(UtcDateTime())
-
-
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class StudyStatus:
-    """One line of `pacs-agent status`: no patient identity, only the study key."""
-
-    study_key: str
-    state: State
-    reason: str
-    instance_count: int
-    stages: tuple[tuple[State, datetime], ...]
-
-
-@dataclass(frozen=True)
-class ArrivedInstance:
-    """An instance durably in the spool, as the receiver (or the start-up scan) reports it."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    path: Path
-    received_at: datetime
 
 
 class Database:
@@ -196,26 +41,8 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        """Create missing tables; safe when serve and workers start at the same moment.
-
-        PostgreSQL serialises the creators with a transaction-scoped advisory lock. SQLite has
-        no such lock, so a creator that loses the race (its check said "missing", the other's
-        CREATE came first) simply checks again.
-        """
-        for attempt in range(5):
-            try:
-                with self.engine.begin() as conn:
-                    if conn.dialect.name == "postgresql":
-                        conn.execute(
-                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                        )
-                    Base.metadata.create_all(conn)
-                    _add_missing_columns(conn)
-                return
-            except (OperationalError, ProgrammingError, IntegrityError):
-                if attempt == 4:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        """Create missing tables; safe when serve and workers start at the same moment."""
+        schema.create_schema(self.engine)
 
     def session(self) -> Session:
         return self._sessions()
@@ -345,28 +172,32 @@ class Database:
     def recent(self, limit: int = 50) -> list[StudyStatus]:
         with self.session() as s:
             studies = list(s.scalars(select(Study).order_by(Study.updated_at.desc()).limit(limit)))
-            result = []
-            for st in studies:
-                rows = s.execute(
-                    select(Transition.state, func.max(Transition.at))
-                    .where(Transition.study_id == st.id)
-                    .group_by(Transition.state)
-                ).all()
-                order = list(State)
-                stages = sorted(
-                    ((State(state), _aware(at)) for state, at in rows),
-                    key=lambda item: (item[1], order.index(item[0])),
-                )
-                result.append(
-                    StudyStatus(
-                        study_key=st.study_key,
-                        state=State(st.state),
-                        reason=st.reason,
-                        instance_count=st.instance_count,
-                        stages=tuple(stages),
-                    )
-                )
-            return result
+            return [self._status(s, st) for st in studies]
+
+    def status(self, study: Study) -> StudyStatus:
+        """One study's status line, with the time it last entered each state."""
+        with self.session() as s:
+            return self._status(s, study)
+
+    @staticmethod
+    def _status(s: Session, st: Study) -> StudyStatus:
+        rows = s.execute(
+            select(Transition.state, func.max(Transition.at))
+            .where(Transition.study_id == st.id)
+            .group_by(Transition.state)
+        ).all()
+        order = list(State)
+        stages = sorted(
+            ((State(state), _aware(at)) for state, at in rows),
+            key=lambda item: (item[1], order.index(item[0])),
+        )
+        return StudyStatus(
+            study_key=st.study_key,
+            state=State(st.state),
+            reason=st.reason,
+            instance_count=st.instance_count,
+            stages=tuple(stages),
+        )
 
     # -- retention --------------------------------------------------------------------------
 
@@ -456,27 +287,6 @@ def _purgeable(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
         Study.updated_at < cutoff,
         Study.purged_at < Study.updated_at,
     )
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """Add columns that a newer version defines to tables an older version created.
-
-    Only additive changes are made this way; each new column has a server default.
-    """
-    present = inspect(conn)
-    for table in Base.metadata.sorted_tables:
-        existing = {c["name"] for c in present.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in existing:
-                continue
-            kind = column.type.compile(dialect=conn.dialect)
-            default = column.server_default
-            clause = ""
-            if isinstance(default, DefaultClause) and isinstance(default.arg, str):
-                clause = " DEFAULT '" + default.arg.replace("'", "''") + "'"
-            conn.execute(
-                text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} NOT NULL{clause}")
-            )
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

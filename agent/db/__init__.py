@@ -1,0 +1,1 @@
+"""The study database: the state machine, the SQLAlchemy tables, and typed access to them."""

@@ -1,0 +1,133 @@
+"""The study tables (SQLAlchemy models) and their creation, with additive column migration."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.schema import DefaultClause
+
+# Any fixed 64-bit number; it names "pacs-agent schema creation" among advisory locks.
+_SCHEMA_LOCK_KEY = 0x7061637361676E74
+
+# `Study.purged_at` of a study whose files the retention sweep has never deleted.
+NEVER_PURGED = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UtcDateTime(DateTime):
+    """Timezone-aware UTC timestamps on every backend (SQLite drops the zone on its own)."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_key: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Revision of the results: +1 each time a different input is queued (late arrivals).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Digest of the queued job's input, and of the input whose results were last sent.
+    input_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    done_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    first_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_arrival: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # When the retention sweep last deleted the study's files; a change after that (a late
+    # instance reopening it) makes the study's new files due for the sweep in their turn.
+    purged_at: Mapped[datetime] = mapped_column(
+        UtcDateTime(), default=NEVER_PURGED, server_default="1970-01-01 00:00:00+00:00"
+    )
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (UniqueConstraint("study_id", "sop_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Transition(Base):
+    __tablename__ = "transition"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables; safe when serve and workers start at the same moment.
+
+    PostgreSQL serialises the creators with a transaction-scoped advisory lock. SQLite has
+    no such lock, so a creator that loses the race (its check said "missing", the other's
+    CREATE came first) simply checks again.
+    """
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                    )
+                Base.metadata.create_all(conn)
+                _add_missing_columns(conn)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Add columns that a newer version defines to tables an older version created.
+
+    Only additive changes are made this way; each new column has a server default.
+    """
+    present = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        existing = {c["name"] for c in present.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            kind = column.type.compile(dialect=conn.dialect)
+            default = column.server_default
+            clause = ""
+            if isinstance(default, DefaultClause) and isinstance(default.arg, str):
+                clause = " DEFAULT '" + default.arg.replace("'", "''") + "'"
+            conn.execute(
+                text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} NOT NULL{clause}")
+            )

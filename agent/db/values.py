@@ -1,0 +1,32 @@
+"""Frozen values that cross the study database's boundary: arrivals in, status lines out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from agent.db.states import State
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """One line of `pacs-agent status`: no patient identity, only the study key."""
+
+    study_key: str
+    state: State
+    reason: str
+    instance_count: int
+    stages: tuple[tuple[State, datetime], ...]
+
+
+@dataclass(frozen=True)
+class ArrivedInstance:
+    """An instance durably in the spool, as the receiver (or the start-up scan) reports it."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    path: Path
+    received_at: datetime
