@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import signal
 import socket
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.db import Database
+from agent.db.database import Database
 from agent.domain import Manifest
 from agent.errors import AgentError, ConfigError
 from agent.logs import configure_logging
@@ -173,15 +172,14 @@ def cmd_study(settings: Settings, key: str) -> int:
         study = db.by_key(key)
         if study is None:
             raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
-        row = next((r for r in db.recent(10**9) if r.study_key == study.study_key), None)
+        row = db.status(study)
         contents = db.series_contents(study.id)
     finally:
         db.dispose()
     reason = f" ({study.reason})" if study.reason else ""
     print(f"{study.study_key}  {study.state}{reason}  revision {study.revision}")
-    if row is not None:
-        for state, at in row.stages:
-            print(f"  {at.strftime('%Y-%m-%d %H:%M:%S')}Z  {state}")
+    for state, at in row.stages:
+        print(f"  {at.strftime('%Y-%m-%d %H:%M:%S')}Z  {state}")
     used: dict[str, list[str]] = {}
     manifest_path = SpoolLayout(settings.spool.path).manifest_path(study.job_id or "-")
     if study.job_id and manifest_path.is_file():
@@ -189,8 +187,7 @@ def cmd_study(settings: Settings, key: str) -> int:
             used.setdefault(item.series_uid, []).append(item.model)
     for series_uid, sop_class, count in contents:
         name = UID(sop_class).name if sop_class else "no SOP class"
-        # The series' spool folder name: a hash, not the UID.
-        folder = hashlib.sha256(series_uid.encode("ascii")).hexdigest()[:16]
+        folder = SpoolLayout.series_folder(series_uid)
         role = f"input of {', '.join(used[series_uid])}" if series_uid in used else "stored"
         print(f"  series {folder}  {count} x {name}  {role}")
     return EXIT_OK

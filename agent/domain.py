@@ -84,9 +84,6 @@ class Manifest:
     def models(self) -> tuple[str, ...]:
         return tuple(i.model for i in self.inputs)
 
-    def input_for(self, model: str) -> ModelInput:
-        return next(i for i in self.inputs if i.model == model)
-
     def to_json(self) -> str:
         return json.dumps(
             {

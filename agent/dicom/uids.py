@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.domain import ModelIdentity
+
+# PS3.5 9.1: dot-separated numeric components without leading zeros.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+# JPEG XL (PS3.5 A.4.13), newer than the pydicom release we pin, which does not name it.
+JPEG_XL_SYNTAXES = {
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+}
+
+
+def is_valid_uid(value: str) -> bool:
+    """A UID by PS3.5 9.1: at most 64 characters of numeric components. Checking this also
+    keeps a hostile UID from naming a path outside the spool."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
 
 # PS3.5 B.2: a UID may be "2.25." followed by the decimal form of a 128-bit UUID
 # (ISO/IEC 9834-8); at most 39 digits, so 44 characters in all, well under the 64 of PS3.5 9.1.

@@ -12,6 +12,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from agent.connections import close_connection
 from agent.dicom.files import read_header
 from agent.errors import ConfigError, RetryableError
 from agent.settings import DestinationSettings
@@ -50,7 +51,7 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
     )
     if assoc.is_established:
         return assoc
-    _discard(assoc)
+    close_connection(assoc)
     if ctx is not None and ctx.failure is not None:
         raise RetryableError(f"destination {destination.name}: TLS failed: {ctx.failure}")
     if assoc.is_rejected and assoc.acceptor.primitive is not None:
@@ -61,17 +62,6 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
             f"source {rj.result_source}, reason {rj.diagnostic})"
         )
     raise RetryableError(f"destination {destination.name}: association refused or failed")
-
-
-def _discard(assoc: Association) -> None:
-    """Close the connection of an association that failed.
-
-    pynetdicom closes it with shutdown() then close(), and skips close() when shutdown() fails,
-    as it does once the peer has hung up first.
-    """
-    sock = assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.close()
 
 
 def echo(destination: DestinationSettings, calling_ae: str) -> None:

@@ -8,7 +8,6 @@ worker-process pool of decode_pool.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from pydicom.uid import (
 )
 
 from agent.dicom.files import DICOM_ERRORS
+from agent.dicom.uids import JPEG_XL_SYNTAXES, is_valid_uid
 from agent.errors import PermanentError
 
 # Fewer items than this are decoded in the calling process: starting work in the pool costs
@@ -76,14 +76,10 @@ _OTHER_PLUGINS = ("pylibjpeg", "pyjpegls", "gdcm", "pillow", "pydicom")
 # here so that a study skipped for them says what it was.
 _NAMES_PYDICOM_LACKS = MappingProxyType(
     {
-        "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
-        "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
-        "1.2.840.10008.1.2.4.112": "JPEG XL",
+        **JPEG_XL_SYNTAXES,
         "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
     }
 )
-# PS3.5 9.1: components of digits without leading zeros, at most 64 characters.
-_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 @dataclass(frozen=True)
@@ -107,17 +103,12 @@ def _syntax_name(transfer_syntax: str) -> str:
     uid = transfer_syntax.strip()
     if not uid:
         return "an empty transfer syntax UID"
-    if not _is_uid(uid):
+    if not is_valid_uid(uid):
         return f"an invalid transfer syntax UID {uid[:64]!r}"
     name = _NAMES_PYDICOM_LACKS.get(uid) or UID(uid).name
     if name == uid:
         return f"transfer syntax {uid}"
     return f"{name} ({uid})"
-
-
-def _is_uid(text: str) -> bool:
-    # pydicom warns about, rather than rejects, malformed UIDs; such text is never a syntax.
-    return len(text) <= 64 and _UID_PATTERN.fullmatch(text) is not None
 
 
 def decoder_for(transfer_syntax: str) -> str | None:
@@ -128,7 +119,7 @@ def decoder_for(transfer_syntax: str) -> str | None:
     "pydicom".
     """
     uid = transfer_syntax.strip()
-    if not _is_uid(uid):
+    if not is_valid_uid(uid):
         return None
     try:
         decoder = get_decoder(UID(uid))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -16,12 +15,14 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from agent.db import ArrivedInstance
+from agent.connections import close_connection
+from agent.db.values import ArrivedInstance
+from agent.dicom.uids import is_valid_uid
 from agent.logs import log_context, study_key
 from agent.receive.filemeta import encode_file_meta
 from agent.receive.identify import Unreadable, identify
 from agent.settings import AllowedCaller, IpNetwork
-from agent.spool.layout import SpoolLayout, is_valid_uid
+from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import write_atomic
 
@@ -183,20 +184,13 @@ class RejectWhileSpoolLow:
         reject(assoc, 0x02, 0x03, 0x01)
 
 
-# PS3.8 Table 9-10: Sta3 is "awaiting local A-ASSOCIATE response primitive", the only state in
-# which an A-ASSOCIATE-RJ may be sent.
-_AWAITING_RESPONSE = "Sta3"
-
-
 def reject(assoc: Association, result: int, source: int, reason: int) -> None:
-    """Send an A-ASSOCIATE-RJ and close, unless the peer has already gone.
+    """Send an A-ASSOCIATE-RJ and close.
 
-    A peer that hangs up right after its request (a port scanner) has moved the state machine
-    on; a reject then would be an invalid event that kills pynetdicom's DUL thread with a
-    traceback instead of ending the connection quietly.
+    A peer that has already hung up makes the queued rejection an invalid event for the state
+    machine; `_drop_on_protocol_error` ends such an association quietly.
     """
-    if assoc.dul.state_machine.current_state == _AWAITING_RESPONSE:
-        assoc.acse.send_reject(result, source, reason)
+    assoc.acse.send_reject(result, source, reason)
     # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ before
     # the connection is closed, else the peer sees an abort instead.
     assoc.kill()
@@ -347,13 +341,7 @@ def _drop_on_protocol_error(assoc: Association) -> None:
             # close the connection here.
             dul._kill_thread = True
             assoc._kill = True
-            raw = dul.socket.socket if dul.socket is not None else None
-            if raw is not None:
-                # Not AssociationSocket.close(): it skips close() when shutdown() fails, as it
-                # does once the peer has gone, and the socket would leak.
-                with contextlib.suppress(OSError):
-                    raw.shutdown(socket.SHUT_RDWR)
-                raw.close()
+            close_connection(assoc)
 
     setattr(dul.state_machine, "do_action", guarded)  # noqa: B010 (mypy: a method)
 

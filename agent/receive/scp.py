@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from agent.dicom.uids import JPEG_XL_SYNTAXES
 from agent.errors import ConfigError
 from agent.receive.handlers import (
     AccessControl,
@@ -61,15 +62,8 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     # JPEG XL (PS3.5 A.4.13), which nothing on PyPI decodes yet: accepted last, only from a
     # sender that offers nothing else, so that such an instance is stored and its study ends
     # "skipped: no decoder for JPEG XL ..." rather than being refused and lost from view.
-    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
-    "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression
-    "1.2.840.10008.1.2.4.112",  # JPEG XL
+    *JPEG_XL_SYNTAXES,
 )
-
-
-# Seconds a caller has to complete a TLS handshake (the A-ASSOCIATE-RQ then has
-# [receiver] acse_timeout_seconds).
-ACSE_TIMEOUT_SECONDS = 30.0
 
 
 def build_ae(settings: ReceiverSettings) -> AE:
@@ -119,7 +113,8 @@ class AssociationServer(ThreadedAssociationServer):
         if self.tls is not None and isinstance(request, socket.socket):
             peer = client_address[0] if isinstance(client_address, tuple) else client_address
             try:
-                request = accept(self.tls, request, ACSE_TIMEOUT_SECONDS)
+                # The handshake counts against [receiver] acse_timeout_seconds, as the request.
+                request = accept(self.tls, request, float(self.ae.acse_timeout or 30.0))
             except (ssl.SSLEOFError, ConnectionError) as exc:
                 # Port probes and load-balancer checks connect and hang up: not worth a warning.
                 log.debug("TLS handshake with %s ended: %s", peer, describe(exc))

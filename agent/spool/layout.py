@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.logs import study_key
-
-# PS3.5 9.1: a UID is dot-separated numeric components, at most 64 characters. Checking this
-# also keeps a hostile UID from naming a path outside the spool.
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-def is_valid_uid(value: str) -> bool:
-    return len(value) <= 64 and _UID.match(value) is not None
 
 
 @dataclass(frozen=True)
@@ -41,9 +32,13 @@ class SpoolLayout:
     def study_dir(self, study_uid: str) -> Path:
         return self.studies / study_key(study_uid)
 
+    @staticmethod
+    def series_folder(series_uid: str) -> str:
+        """A series' folder name in the spool: a hash of its UID, not the UID."""
+        return hashlib.sha256(series_uid.encode("ascii")).hexdigest()[:16]
+
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        series = hashlib.sha256(series_uid.encode("ascii")).hexdigest()[:16]
-        return self.study_dir(study_uid) / series / f"{sop_uid}.dcm"
+        return self.study_dir(study_uid) / self.series_folder(series_uid) / f"{sop_uid}.dcm"
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs / job_id
