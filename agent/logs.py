@@ -53,7 +53,7 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class _PeerErrorFilter(logging.Filter):
+class PeerErrorFilter(logging.Filter):
     """One line, not a traceback, for what pynetdicom logs about a misbehaving peer.
 
     pynetdicom logs each undecodable PDU with its traceback; on a listener that someone scans
@@ -76,7 +76,7 @@ def configure_logging(level: str, fmt: str) -> None:
     """Install one stderr handler on the root logger (called once, by the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.addFilter(_PeerErrorFilter())
+    handler.addFilter(PeerErrorFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:

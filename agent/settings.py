@@ -197,7 +197,7 @@ class ReceiverSettings(_Section):
     # With a [receiver.tls] table the port speaks DICOM TLS only (2762 is its registered port).
     tls: ReceiverTls | None = None
     # Largest dataset accepted in one C-STORE; a larger one is refused with 0xA700 and not
-    # written. pynetdicom holds the whole dataset in memory before the handler sees it.
+    # written; past it, the rest of the dataset is read and dropped, not held in memory.
     max_instance_bytes: Annotated[int, Field(ge=1)] = 2 * 1024**3
 
     @property

@@ -15,12 +15,13 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from agent.connections import close_connection
+from agent.connections import close_connection, close_reliably
 from agent.db.values import ArrivedInstance
 from agent.dicom.uids import is_valid_uid
 from agent.logs import log_context, study_key
 from agent.receive.filemeta import encode_file_meta
 from agent.receive.identify import Unreadable, identify
+from agent.receive.reads import CappedDataset, bound_datasets, bound_reads
 from agent.settings import AllowedCaller, IpNetwork
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
@@ -79,8 +80,12 @@ class StoreHandler:
         raw_stream = request.DataSet
         if not isinstance(raw_stream, BytesIO):
             return _status(CANNOT_UNDERSTAND, "no dataset in request")
-        with raw_stream.getbuffer() as view:
-            refusal = self._refusal(view.nbytes)
+        if isinstance(raw_stream, CappedDataset):
+            size = raw_stream.received
+        else:
+            with raw_stream.getbuffer() as view:
+                size = view.nbytes
+        refusal = self._refusal(size)
         if refusal is not None:
             return refusal
         raw = raw_stream.getvalue()
@@ -147,9 +152,7 @@ class StoreHandler:
             level = self._watermark.check()
             if level.low:  # logged once by the watermark, not once per instance
                 return _status(OUT_OF_RESOURCES, level.reason)
-        # pynetdicom has already received the whole dataset into memory by now (its only bound
-        # while receiving is the maximum PDU size, per PDU, not per dataset): this limit keeps
-        # oversized instances out of the spool, it cannot stop them reaching this process.
+        # The connection's CappedDataset kept no more than the limit in memory meanwhile.
         if self._max_bytes is not None and size > self._max_bytes:
             log.warning(
                 "refused an instance of %d bytes: the limit is %d bytes", size, self._max_bytes
@@ -317,6 +320,9 @@ class AccessControl:
 # pynetdicom's DUL thread sleeps this long whenever a pass finds nothing to do (1 ms by
 # default). A sender waits for each C-STORE response, so that sleep is paid on every instance.
 DUL_IDLE_SLEEP_SECONDS = 0.0002
+# For an AE configured without limits (pynetdicom's 0 and None): a PDU is bounded all the same.
+DEFAULT_MAX_PDU_BYTES = 1024 * 1024
+DEFAULT_READ_DEADLINE_SECONDS = 60.0
 
 
 def _drop_on_protocol_error(assoc: Association) -> None:
@@ -328,11 +334,18 @@ def _drop_on_protocol_error(assoc: Association) -> None:
     InvalidEventError kills the thread with a traceback, leaving the socket to the garbage
     collector. Here the peer is logged in one line and its connection closed; other
     associations are not touched.
+
+    A peer whose connection ends before a valid A-ASSOCIATE-RQ (garbage bytes, a truncated
+    request, a scanner's probe) would hold its association slot until the ACSE timeout,
+    because pynetdicom's acceptor waits that long for the request. The wait is ended as soon
+    as the connection is gone, so a burst of such peers cannot fill max_associations.
     """
     dul = assoc.dul
     do_action: Callable[[str], None] = dul.state_machine.do_action
+    woken = False
 
     def guarded(name: str) -> None:
+        nonlocal woken
         try:
             do_action(name)
         except Exception as exc:  # the boundary for one hostile peer's protocol events
@@ -342,12 +355,28 @@ def _drop_on_protocol_error(assoc: Association) -> None:
             dul._kill_thread = True
             assoc._kill = True
             close_connection(assoc)
+            return
+        # Sta1: no transport connection. Before a request arrived, the acceptor still waits
+        # for one; an empty queue item reads to it as the ACSE timeout, and it ends at once.
+        if not woken and dul.state_machine.current_state == "Sta1" and not assoc.is_established:
+            woken = True
+            if assoc.requestor.primitive is None:
+                dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
     setattr(dul.state_machine, "do_action", guarded)  # noqa: B010 (mypy: a method)
 
 
-def handle_conn_open(event: Event) -> None:
+def handle_conn_open(event: Event, max_instance_bytes: int | None = None) -> None:
     _drop_on_protocol_error(event.assoc)
+    if max_instance_bytes is not None:
+        bound_datasets(event.assoc, max_bytes=max_instance_bytes)
+    close_reliably(event.assoc)
+    ae = event.assoc.ae
+    bound_reads(
+        event.assoc,
+        max_pdu_bytes=ae.maximum_pdu_size or DEFAULT_MAX_PDU_BYTES,
+        deadline_seconds=float(ae.network_timeout or DEFAULT_READ_DEADLINE_SECONDS),
+    )
     event.assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_SECONDS
     # Small C-STORE responses otherwise wait on Nagle's algorithm and delayed ACKs (~40 ms each).
     sock = event.assoc.dul.socket

@@ -48,6 +48,9 @@ def _stop(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return bool(tag > _LAST_TAG_NEEDED)
 
 
+_PARSE_ERRORS: tuple[type[Exception], ...] = (*DICOM_ERRORS, UserWarning)
+
+
 def identify(raw: bytes, transfer_syntax: UID) -> Identifiers:
     """Parse SOP Class/Instance, Study and Series UIDs; missing ones come back empty."""
     data = raw
@@ -65,6 +68,8 @@ def identify(raw: bytes, transfer_syntax: UID) -> Identifiers:
             stop_when=_stop,
         )
         values = [_raw_text(ds, tag) for tag in _TAGS]
-    except DICOM_ERRORS as exc:
+    # pydicom warns, not raises, when a dataset ends inside an element (a lying length) and
+    # returns what it read; where warnings are errors, that warning is the failure.
+    except _PARSE_ERRORS as exc:
         raise Unreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
     return Identifiers(*values)

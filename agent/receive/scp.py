@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
@@ -94,6 +95,19 @@ def _register_private_storage(sop_class: str) -> None:
     register_uid(sop_class, "PrivateStorage_" + sop_class.replace(".", "_"), StorageServiceClass)
 
 
+class _SharedContexts(list[PresentationContext]):
+    """The supported contexts, which every association shares instead of copying.
+
+    pynetdicom deep-copies the server's contexts for each association. With every storage
+    SOP class and all our transfer syntaxes (172 contexts, 3,600 syntaxes) that copy costs
+    ~50 ms of one core per connection, a scanner's probe included. Negotiation only reads
+    them (pynetdicom.presentation.negotiate_as_acceptor builds new result contexts).
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedContexts:
+        return self
+
+
 class AssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, doing each TLS handshake in the connection's own thread.
 
@@ -101,9 +115,15 @@ class AssociationServer(ThreadedAssociationServer):
     caller that connects and stays silent would hold up every other caller.
     """
 
+    # socketserver's default backlog of 5 lets a burst of callers (a scanner, a modality
+    # opening several associations at once) time out in connect() while the accepting
+    # thread is busy; the kernel caps this at net.core.somaxconn.
+    request_queue_size = socket.SOMAXCONN
+
     def __init__(self, *args: Any, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         self.tls = tls
         super().__init__(*args, **kwargs)
+        self.contexts = _SharedContexts(self.contexts)
 
     def process_request_thread(
         self,
@@ -171,7 +191,7 @@ def start_receiver(
         ),
         # After access control, so that a stranger is refused for good, not asked to retry.
         *([(evt.EVT_REQUESTED, RejectWhileSpoolLow(watermark))] if watermark else []),
-        (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_CONN_OPEN, handle_conn_open, [settings.max_instance_bytes]),
     ]
     # make_server with a server class is pynetdicom's way to customise the server; what
     # AE.start_server(block=False) does besides is repeated here.
