@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent import audit
 from agent.db.database import Database
 from agent.domain import Manifest
 from agent.errors import AgentError, ConfigError
@@ -85,6 +86,7 @@ def cmd_serve(settings: Settings) -> int:
         models=settings.models,
         enqueue=enqueuer(app),
         clock=SystemClock(),
+        stale_after=settings.queue.stale_after,
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
     try:
@@ -146,15 +148,19 @@ def cmd_worker(settings: Settings, queue: str) -> int:
     return EXIT_OK
 
 
-def cmd_status(settings: Settings, limit: int) -> int:
+def cmd_status(settings: Settings, limit: int, *, failed: bool = False) -> int:
+    from agent.db.states import State
+
     db = Database(settings.database_url)
     db.create_schema()
     try:
-        rows = db.recent(limit)
+        rows = (
+            [db.status(st) for st in db.in_states([State.FAILED])] if failed else db.recent(limit)
+        )
     finally:
         db.dispose()
     if not rows:
-        print("no studies yet")
+        print("no failed studies" if failed else "no studies yet")
     for row in rows:
         stages = " ".join(f"{state}={at.strftime('%H:%M:%S')}" for state, at in row.stages)
         reason = f" ({row.reason})" if row.reason else ""
@@ -163,8 +169,13 @@ def cmd_status(settings: Settings, limit: int) -> int:
 
 
 def cmd_study(settings: Settings, key: str) -> int:
-    """One study in detail: its stages and every series stored, with what each was used for."""
+    """One study in detail: its stages, every series stored with what each was used for, and
+    each destination's answer for each result object."""
     from pydicom.uid import UID
+
+    from agent.db.deliveries import Deliveries
+    from agent.export.dimse import describe_status
+    from agent.export.outbox import object_name
 
     db = Database(settings.database_url)
     db.create_schema()
@@ -174,6 +185,7 @@ def cmd_study(settings: Settings, key: str) -> int:
             raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
         row = db.status(study)
         contents = db.series_contents(study.id)
+        deliveries = Deliveries(db).of_job(study.job_id) if study.job_id else []
     finally:
         db.dispose()
     reason = f" ({study.reason})" if study.reason else ""
@@ -190,6 +202,67 @@ def cmd_study(settings: Settings, key: str) -> int:
         folder = SpoolLayout.series_folder(series_uid)
         role = f"input of {', '.join(used[series_uid])}" if series_uid in used else "stored"
         print(f"  series {folder}  {count} x {name}  {role}")
+    for delivery in deliveries:
+        stored = sum(o.stored for o in delivery.objects)
+        error = f"; last error: {delivery.last_error}" if delivery.last_error else ""
+        print(
+            f"  to {delivery.destination}: {stored} of {len(delivery.objects)} stored, "
+            f"{delivery.attempts} attempt{'' if delivery.attempts == 1 else 's'} since "
+            f"{delivery.first_attempt_at.strftime('%Y-%m-%d %H:%M:%S')}Z{error}"
+        )
+        for o in delivery.objects:
+            comment = f"  {o.comment}" if o.comment else ""
+            print(f"    {object_name(o.sop_class_uid)}  {describe_status(o.status)}{comment}")
+    return EXIT_OK
+
+
+def cmd_retry(settings: Settings, key: str | None, all_failed: bool) -> int:
+    """Queue failed studies again (their results and outbox are reused), or re-assemble one
+    that was skipped or failed before it had a job; the running service picks them up."""
+    from agent.assembly.assembler import RETRY_REQUESTED
+    from agent.db.deliveries import Deliveries
+    from agent.db.states import State
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    layout = SpoolLayout(settings.spool.path)
+    try:
+        if all_failed:
+            studies = db.in_states([State.FAILED])
+        else:
+            study = db.by_key(key or "")
+            if study is None:
+                raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
+            if study.state not in (State.FAILED, State.SKIPPED):
+                raise AgentError(
+                    f"study {study.study_key} is {study.state}; only failed or skipped "
+                    "studies are retried"
+                )
+            studies = [study]
+        for study in studies:
+            job = study.job_id
+            if study.state == State.FAILED and job and layout.manifest_path(job).is_file():
+                Deliveries(db).restart(job)
+                db.transition(
+                    study.study_uid,
+                    State.QUEUED,
+                    f"{RETRY_REQUESTED} (was: {study.reason})"[:2000],
+                    expect_job=job,
+                    expect_state=[State.FAILED],
+                )
+                print(f"{study.study_key}  queued again")
+            else:
+                db.transition(
+                    study.study_uid,
+                    State.RECEIVING,
+                    f"{RETRY_REQUESTED}: assembled again",
+                    expect_state=[State(study.state)],
+                )
+                print(f"{study.study_key}  to be assembled again")
+        if not studies:
+            print("no failed studies")
+    finally:
+        db.dispose()
     return EXIT_OK
 
 
@@ -274,6 +347,27 @@ def cmd_echo(settings: Settings, name: str) -> int:
     return EXIT_OK
 
 
+def run_role(settings: Settings, args: argparse.Namespace) -> int:
+    """Run `serve` or `worker` between the audit trail's start and stop records.
+
+    The start record names the configuration file and its SHA-256, never its contents (it may
+    hold secrets). One-shot commands (status, echo, ...) keep no audit trail.
+    """
+    role: str = args.command
+    audit.configure_audit(settings)
+    path: Path | None = args.config
+    audit.config_loaded(path, audit.file_digest(path) if path else None, role=role)
+    code, reason = EXIT_FAILURE, None
+    try:
+        code = cmd_serve(settings) if role == "serve" else cmd_worker(settings, args.queue)
+    except AgentError as exc:
+        reason = str(exc)
+        raise
+    finally:
+        audit.application_stopped(role, ok=code == EXIT_OK, reason=reason)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pacs-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="recent studies, one line each; or one in detail")
     with_config(status, False)
     status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--failed", action="store_true", help="only failed studies, all of them")
     status.add_argument("study", nargs="?", help="a study key (or its first 6+ characters)")
     rules = sub.add_parser("rules", help="series selection rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -304,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(rules_test, False)
     rules_test.add_argument("path", type=Path, help="a DICOM file or a folder (searched deeply)")
     with_config(sub.add_parser("check-config", help="validate and test reachability"), False)
+    retry = sub.add_parser("retry", help="queue a failed (or skipped) study again")
+    with_config(retry, False)
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("study", nargs="?", help="a study key (or its first 6+ characters)")
+    which.add_argument("--all-failed", action="store_true", help="every failed study")
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     with_config(echo, True)
     echo.add_argument("destination")
@@ -318,16 +418,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("serve", "worker"):
             # One-shot commands answer in one line; pynetdicom's own error lines would repeat it.
             logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-        if args.command == "serve":
-            return cmd_serve(settings)
-        if args.command == "worker":
-            return cmd_worker(settings, args.queue)
+        if args.command in ("serve", "worker"):
+            return run_role(settings, args)
         if args.command == "status":
             if args.study:
                 return cmd_study(settings, args.study)
-            return cmd_status(settings, args.limit)
+            return cmd_status(settings, args.limit, failed=args.failed)
         if args.command == "rules":
             return cmd_rules_test(settings, args.path)
+        if args.command == "retry":
+            return cmd_retry(settings, args.study, args.all_failed)
         if args.command == "check-config":
             return cmd_check_config(settings)
         return cmd_echo(settings, args.destination)

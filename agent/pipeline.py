@@ -11,14 +11,15 @@ import torch
 from pydicom.dataset import Dataset
 
 from agent.db.database import Database
+from agent.db.deliveries import Deliveries
 from agent.db.states import TERMINAL, InvalidTransition, State, Superseded
 from agent.dicom.files import read_header
 from agent.dicom.uids import output_uids
 from agent.domain import FrameRef, Manifest
 from agent.encode.seg import build_seg
 from agent.encode.sr import build_sr
-from agent.errors import RetryableError
-from agent.export import dimse
+from agent.errors import PermanentError, RetryableError
+from agent.export.outbox import Outbox
 from agent.inference.models.ct_tissue import DISCLAIMER
 from agent.inference.registry import get_model
 from agent.inference.runner import pick_device, run_model
@@ -74,8 +75,23 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
     with log_context(study=study_key(manifest.study_uid), job=job_id):
         out = results_dir(ctx, job_id)
         state = _current(ctx, manifest)
-        if state == State.EXPORTING and all(has_result(out / m) for m in manifest.models):
-            return  # redelivered after inference had finished: go straight to export
+        if all(has_result(out / m) for m in manifest.models):
+            # Redelivered after inference had finished, or retried after a failed export:
+            # the results stand (same input, same model); go straight to export.
+            if state != State.EXPORTING:
+                ctx.db.transition(
+                    manifest.study_uid,
+                    State.INFERRING,
+                    "results already computed",
+                    expect_job=job_id,
+                )
+                ctx.db.transition(
+                    manifest.study_uid,
+                    State.EXPORTING,
+                    "encoding and sending",
+                    expect_job=job_id,
+                )
+            return
         ctx.db.transition(
             manifest.study_uid,
             State.INFERRING,
@@ -157,20 +173,46 @@ def _encode_file(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+class ExportPending(RetryableError):
+    """Some destination has not stored everything yet; the export runs again in `retry_in` s."""
+
+    def __init__(self, reason: str, retry_in: float) -> None:
+        super().__init__(reason)
+        self.retry_in = retry_in
+
+
+class ExportFailed(PermanentError):
+    """A destination gave up (its ceiling passed, or it refused an object for good)."""
+
+
 def export(ctx: PipelineContext, job_id: str) -> None:
-    """Encode (once) and C-STORE the results to every destination; RetryableError on failure."""
+    """Encode (once, into the outbox) and deliver the results to every destination.
+
+    Raises ExportPending while a destination is still to be retried, ExportFailed once every
+    destination has either stored everything or given up and one gave up.
+    """
     manifest = _manifest(ctx, job_id)
     with log_context(study=study_key(manifest.study_uid), job=job_id):
         _current(ctx, manifest)
         files = encode(ctx, manifest)
-        for destination in ctx.settings.destinations:
-            dimse.send(destination, ctx.settings.receiver.ae_title, files)
-        names = ", ".join(d.name for d in ctx.settings.destinations)
+        outbox = Outbox(Deliveries(ctx.db), ctx.settings.receiver.ae_title)
+        report = outbox.deliver(
+            job_id, files, ctx.settings.destinations, study=study_key(manifest.study_uid)
+        )
+        if report.waiting:
+            soonest = min(report.waiting, key=lambda w: w.retry_in)
+            reasons = [w.reason for w in report.waiting] + report.gave_up
+            raise ExportPending("; ".join(reasons), soonest.retry_in)
+        if report.gave_up:
+            raise ExportFailed("; ".join(report.gave_up))
+        names = ", ".join(report.delivered)
         outcome = (
             f"{len(files)} objects sent to {names}"
             if names
             else f"{len(files)} objects kept in the outbox: no destination configured"
         )
+        if report.warnings:
+            outcome += " (" + "; ".join(report.warnings) + ")"
         ctx.db.transition(
             manifest.study_uid,
             State.DONE,

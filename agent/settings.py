@@ -225,9 +225,16 @@ class QueueSettings(_Section):
     # Hard limit for one task; Redis's visibility timeout is set above it so that a task still
     # running is never handed to a second worker.
     task_time_limit_seconds: Annotated[int, Field(ge=10)] = 1800
-    export_max_retries: Annotated[int, Field(ge=0)] = 8
+    # Retries of inference (a worker without its GPU, a volume read that failed) and of the
+    # steps of an export before it sends; sending retries per destination, see [[destinations]].
+    max_retries: Annotated[int, Field(ge=0)] = 8
     retry_backoff_seconds: Annotated[float, Field(gt=0)] = 5.0
     retry_backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
+    # A study queued, inferring or exporting without a state change for this long is sent to
+    # the broker again (its message may have died with a Redis that keeps nothing on disk).
+    # Empty: the visibility timeout, after which Redis itself would redeliver an unacknowledged
+    # message, and by which any task still running has long been stopped by the time limit.
+    stale_after_seconds: Annotated[float, Field(gt=0)] | None = None
 
     @field_validator("broker_url")
     @classmethod
@@ -241,6 +248,18 @@ class QueueSettings(_Section):
     def embedded(self) -> bool:
         """True when the broker lives inside the `serve` process (no separate workers)."""
         return self.broker_url.startswith("memory://")
+
+    @property
+    def visibility_timeout_seconds(self) -> int:
+        """How long Redis keeps an unacknowledged message before redelivering it."""
+        return 2 * self.task_time_limit_seconds + 60
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds without a state change after which an in-flight study is sent again."""
+        if self.stale_after_seconds is not None:
+            return self.stale_after_seconds
+        return float(self.visibility_timeout_seconds)
 
 
 class DatabaseSettings(_Section):
@@ -294,6 +313,15 @@ class DestinationSettings(_Section):
     port: Port
     # DICOM TLS; `tls = true` (or `{}`) trusts the system's CAs and checks the host name.
     tls: DestinationTls | None = None
+    # A failed export is tried again after retry_backoff_seconds, doubling up to
+    # retry_backoff_max_seconds, each wait drawn at random from its upper half (jitter);
+    # after give_up_after_hours without success the study ends `failed: export to <name>`.
+    retry_backoff_seconds: Annotated[float, Field(gt=0)] = 10.0
+    retry_backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
+    give_up_after_hours: Annotated[float, Field(gt=0)] = 24.0
+    # Circuit breaker: after this many failed attempts in a row (any study, any worker) nobody
+    # connects until a backoff has passed; then one worker probes, and a success closes it.
+    breaker_failures: Annotated[int, Field(ge=1)] = 3
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -306,6 +334,9 @@ class DestinationSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    # The audit trail (agent.audit): one JSON line per association, per association's instances,
+    # per export, per start and stop. Unset: audit.log beside the spool; "" turns it off.
+    audit_file: str | None = None
 
 
 class Settings(_Section):
@@ -338,6 +369,14 @@ class Settings(_Section):
             return self.database.url
         return f"sqlite:///{self.spool.path.parent / 'pacs-agent.db'}"
 
+    @property
+    def audit_path(self) -> Path | None:
+        """Where the audit trail is written: beside the spool unless set; None when off."""
+        audit_file = self.logging.audit_file
+        if audit_file is None:
+            return self.spool.path.parent / "audit.log"
+        return Path(audit_file) if audit_file else None
+
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make the file's relative paths relative to the file, not the working directory."""
@@ -350,6 +389,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         prefix = "sqlite:///"
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
             database["url"] = prefix + str((base / url[len(prefix) :]).resolve())
+    section = raw.get("logging")
+    if isinstance(section, dict) and isinstance(section.get("audit_file"), str):
+        audit_file = section["audit_file"]
+        if audit_file:  # "" turns the audit trail off; it is no path
+            section["audit_file"] = str((base / os.path.expanduser(audit_file)).resolve())
     receiver = raw.get("receiver")
     if isinstance(receiver, dict):
         _resolve_tls_paths(receiver.get("tls"), base)

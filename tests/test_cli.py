@@ -122,3 +122,41 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("pacs-agent: database unavailable:")
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_retry_assembles_a_skipped_study_again_and_names_unknown_keys(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from agent.db.database import Database
+    from agent.db.states import State
+    from agent.db.values import ArrivedInstance
+    from agent.settings import load_settings
+
+    config = write_config(tmp_path, port=free_port())
+    db = Database(load_settings(config).database_url)
+    db.create_schema()
+    arrival = ArrivedInstance(
+        "1.2.3",
+        "1.2.3.4",
+        "1.2.3.4.5",
+        "1.2.840.10008.5.1.4.1.1.2",
+        tmp_path / "x.dcm",
+        datetime.now(UTC),
+    )
+    [key] = db.record_arrivals([arrival])
+    db.transition("1.2.3", State.COMPLETE, "1 instances")
+    db.transition("1.2.3", State.SKIPPED, "ct-tissue: no series fits")
+
+    retried = cli("retry", key, "--config", str(config))
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.split() == [key, "to", "be", "assembled", "again"]
+    study = db.get("1.2.3")
+    assert study is not None and study.state == State.RECEIVING
+    assert study.reason == "retry requested: assembled again"
+
+    unknown = cli("retry", "abcdef0", "--config", str(config))
+    assert unknown.returncode == 1
+    assert "no single study with key 'abcdef0'" in unknown.stderr
+    nothing = cli("retry", "--all-failed", "--config", str(config))
+    assert nothing.returncode == 0 and nothing.stdout.strip() == "no failed studies"
+    db.dispose()

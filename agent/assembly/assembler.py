@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str, Path], None]
 WAITING_FOR_BROKER = "waiting for broker"
+# Set by `pacs-agent retry` on a failed study; the running service sends its job again.
+RETRY_REQUESTED = "retry requested"
 # Arrivals are written to the database in batches gathered for at most this long; the quiet
 # period is measured from each instance's own arrival time, so batching does not delay it.
 BATCH_SECONDS = 0.5
@@ -57,6 +60,7 @@ class Assembler:
         enqueue: Enqueue,
         clock: Clock,
         tick_seconds: float | None = None,
+        stale_after: float | None = None,
     ) -> None:
         self._db = db
         self._layout = layout
@@ -65,6 +69,11 @@ class Assembler:
         self._enqueue = enqueue
         self._clock = clock
         self._tick = tick_seconds if tick_seconds is not None else min(1.0, quiet_seconds / 4)
+        self._stale_after = stale_after
+        # When this process last sent each in-flight job again, so it waits `stale_after` anew.
+        self._resent: dict[str, datetime] = {}
+        # The quiet period counts only while this process listens (see `resume`).
+        self._resumed_at: datetime | None = None
         self._inbox: queue.Queue[ArrivedInstance] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,6 +92,10 @@ class Assembler:
         are sent again; with Redis they are still there (acks_late), and only `queued` studies,
         whose message may never have been sent, are sent again (a duplicate is harmless).
         """
+        # A crash cut the associations of any study still arriving, and its senders re-send;
+        # the time the agent was down is no silence, so those studies get a full quiet period
+        # rather than being sealed at once with part of their instances.
+        self._resumed_at = self._clock.now()
         stray = clear_partial_writes(self._layout)
         if stray:
             log.info("removed %d partial writes that were never acknowledged", stray)
@@ -94,6 +107,7 @@ class Assembler:
         for study in self._db.in_states(states):
             if study.job_id is not None:
                 self._send(study.study_uid, study.study_key, study.job_id)
+                self._resent[study.job_id] = self._resumed_at
         for study in self._db.in_states([State.COMPLETE]):
             self._seal(study)
 
@@ -113,6 +127,7 @@ class Assembler:
                 self.drain(wait=self._tick)
                 self.seal_quiet_studies()
                 self.retry_waiting()
+                self.requeue_stale()
             except Exception:  # keep assembling whatever one study did
                 log.exception("assembler iteration failed; retrying")
                 self._stop.wait(self._tick)
@@ -145,12 +160,18 @@ class Assembler:
     def seal_quiet_studies(self) -> None:
         now = self._clock.now()
         for study in self._db.in_states([State.RECEIVING]):
-            if is_complete(study.last_arrival, now, self._quiet):
+            last = _utc(study.last_arrival)
+            if self._resumed_at is not None:
+                last = max(last, self._resumed_at)
+            if is_complete(last, now, self._quiet):
                 self._seal(study)
 
     def retry_waiting(self) -> None:
         for study in self._db.in_states([State.QUEUED]):
-            waiting = study.reason.startswith(WAITING_FOR_BROKER) and study.job_id is not None
+            waiting = (
+                study.reason.startswith((WAITING_FOR_BROKER, RETRY_REQUESTED))
+                and study.job_id is not None
+            )
             if waiting and self._send(study.study_uid, study.study_key, str(study.job_id)):
                 # A worker may already have moved it on.
                 with contextlib.suppress(InvalidTransition, Superseded):
@@ -161,6 +182,41 @@ class Assembler:
                         expect_job=study.job_id,
                         expect_state=[State.QUEUED],
                     )
+
+    def requeue_stale(self) -> None:
+        """Send again the job of every in-flight study whose state has not moved for too long.
+
+        A Redis that keeps nothing on disk forgets its queued messages when it restarts, and a
+        worker killed mid-task leaves its message unacknowledged until the visibility timeout,
+        while every process keeps running. Tasks ignore a job that is superseded or has ended,
+        and output UIDs are deterministic, so a second delivery costs time, never a duplicate.
+        """
+        if self._stale_after is None:
+            return
+        now = self._clock.now()
+        stuck = [
+            s
+            for s in self._db.in_states(IN_FLIGHT)
+            if s.job_id is not None and not s.reason.startswith(WAITING_FOR_BROKER)
+        ]
+        self._resent = {s.job_id: self._resent[s.job_id] for s in stuck if s.job_id in self._resent}
+        for study in stuck:
+            job_id = str(study.job_id)
+            since = max(_utc(study.updated_at), self._resent.get(job_id, _utc(study.updated_at)))
+            if now - since < timedelta(seconds=self._stale_after):
+                continue
+            self._resent[job_id] = now  # sent or not, wait a full period before the next try
+            with log_context(study=study.study_key, job=job_id):
+                log.warning(
+                    "study %s stuck %s for %.0f s: sending its job again",
+                    study.study_key,
+                    study.state,
+                    (now - _utc(study.updated_at)).total_seconds(),
+                )
+                try:
+                    self._enqueue(job_id, self._layout.manifest_path(job_id))
+                except RetryableError as exc:
+                    log.warning("cannot enqueue yet: %s", exc)
 
     def _seal(self, study: Study) -> None:
         with log_context(study=study.study_key):
@@ -247,6 +303,11 @@ def input_digest(inputs: Sequence[ModelInput], headers: Mapping[Path, Dataset]) 
         refs = sorted(f"{headers[f.path].SOPInstanceUID}:{f.index}" for f in item.frames)
         digest.update(json.dumps([item.model, refs]).encode())
     return digest.hexdigest()
+
+
+def _utc(value: datetime) -> datetime:
+    """A database timestamp as an aware UTC datetime (SQLite gives it back naive)."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _readable_headers(paths: list[Path]) -> dict[Path, Dataset]:

@@ -25,7 +25,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
@@ -96,7 +96,7 @@ class Database:
                     row.received_at = batch[sop].received_at
                 study.instance_count += len(fresh)
                 latest = max(a.received_at for a in batch.values())
-                study.last_arrival = max(_aware(study.last_arrival), latest)
+                study.last_arrival = max(as_utc(study.last_arrival), latest)
                 if study.state != State.RECEIVING:
                     # PS3.4 does not say when a study ends; a late instance means the result
                     # would be incomplete, so the study is assembled again as a new job.
@@ -188,7 +188,7 @@ class Database:
         ).all()
         order = list(State)
         stages = sorted(
-            ((State(state), _aware(at)) for state, at in rows),
+            ((State(state), as_utc(at)) for state, at in rows),
             key=lambda item: (item[1], order.index(item[0])),
         )
         return StudyStatus(

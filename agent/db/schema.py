@@ -1,4 +1,4 @@
-"""The study tables (SQLAlchemy models) and their creation, with additive column migration."""
+"""The study and delivery tables (SQLAlchemy models), their creation, additive migration."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -87,6 +88,52 @@ class Transition(Base):
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Delivery(Base):
+    """One job's objects on their way to one destination: when it began, how it is going."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    # The export ceiling counts from here; `pacs-agent retry` starts it again.
+    first_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class SentObject(Base):
+    """The last C-STORE status a destination gave one of a job's objects (PS3.4 B.2.3)."""
+
+    __tablename__ = "sent_object"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    stored: Mapped[bool] = mapped_column(Boolean)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class DestinationHealth(Base):
+    """A destination's circuit breaker, shared by every worker process through the database."""
+
+    __tablename__ = "destination_health"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # While in the future, nobody connects; the first worker past it claims one probe.
+    open_until: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 def create_schema(engine: Engine) -> None:

@@ -33,6 +33,8 @@ _FORWARD: dict[State, frozenset[State]] = {
     State.INFERRING: frozenset({State.INFERRING, State.EXPORTING}),
     # EXPORTING -> EXPORTING records a retry with its reason.
     State.EXPORTING: frozenset({State.DONE, State.EXPORTING}),
+    # `pacs-agent retry`: the failed job is queued again (its results and outbox are reused).
+    State.FAILED: frozenset({State.QUEUED}),
 }
 
 

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
 from agent.connections import close_connection
+from agent.db.deliveries import ObjectStatus
 from agent.dicom.files import read_header
 from agent.errors import ConfigError, RetryableError
 from agent.settings import DestinationSettings
 from agent.tls import ClientContext, client_context
 
 log = logging.getLogger(__name__)
-
-# PS3.4 B.2.3: 0x0000 success and 0xB000/0xB006/0xB007 warnings all mean the instance is stored.
-STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
 def _ae(calling_ae: str) -> AE:
@@ -77,8 +76,19 @@ def echo(destination: DestinationSettings, calling_ae: str) -> None:
         raise RetryableError(f"destination {destination.name}: C-ECHO failed")
 
 
-def send(destination: DestinationSettings, calling_ae: str, files: Sequence[Path]) -> None:
-    """C-STORE every file to the destination, checking each instance's status."""
+def send(
+    destination: DestinationSettings,
+    calling_ae: str,
+    files: Sequence[Path],
+    record: Callable[[ObjectStatus], None],
+) -> None:
+    """C-STORE each file to the destination, handing every instance's answer to `record`.
+
+    An answer is recorded whatever it says; RetryableError means the association could not be
+    made or broke off (the files not yet answered are simply not recorded).
+    """
+    if not files:
+        return
     headers = [read_header(path) for path in files]
     ae = _ae(calling_ae)
     contexts: dict[str, set[str]] = {}
@@ -94,14 +104,28 @@ def send(destination: DestinationSettings, calling_ae: str, files: Sequence[Path
     assoc = _associate(ae, destination)
     try:
         for path, ds in zip(files, headers, strict=True):
-            status = assoc.send_c_store(path)
-            code = int(status.Status) if status and "Status" in status else None
-            if code not in STORED:
-                shown = "no response" if code is None else f"0x{code:04X}"
+            response = assoc.send_c_store(path)
+            if not response or "Status" not in response:
+                # No answer: the association was aborted or timed out under this instance.
                 raise RetryableError(
-                    f"destination {destination.name}: C-STORE of {ds.Modality} returned {shown}"
+                    f"destination {destination.name}: no answer to C-STORE of {ds.Modality}"
                 )
+            record(
+                ObjectStatus(
+                    str(ds.SOPInstanceUID),
+                    str(ds.SOPClassUID),
+                    int(response.Status),
+                    str(response.get("ErrorComment", "")),
+                )
+            )
     finally:
         if assoc.is_established:
             assoc.release()
-    log.info("sent %d objects to %s", len(files), destination.name)
+        close_connection(assoc)
+
+
+def describe_status(code: int) -> str:
+    """0xA700 (Refused: Out of Resources): the code and PS3.4's words for it."""
+    known = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
+    words = (known[1] or known[0]) if known else ""
+    return f"0x{code:04X} ({words})" if words else f"0x{code:04X}"

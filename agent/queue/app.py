@@ -37,7 +37,7 @@ def create_app(settings: Settings, context: Callable[[], PipelineContext]) -> Ce
         # Redis redelivers an unacknowledged message after the visibility timeout: keep it well
         # above the longest task so a slow inference is never run twice at once.
         broker_transport_options={
-            "visibility_timeout": 2 * limit + 60,
+            "visibility_timeout": settings.queue.visibility_timeout_seconds,
             # The in-memory transport polls (Redis blocks on BRPOP instead); its 1 s default
             # would add up to a second to every hand-over between tasks.
             **({"polling_interval": 0.05} if settings.queue.embedded else {}),

@@ -11,7 +11,7 @@ from celery import Celery, Task
 from agent import pipeline
 from agent.db.states import State, Superseded
 from agent.errors import PermanentError, RetryableError, StudySkipped
-from agent.pipeline import PipelineContext
+from agent.pipeline import ExportFailed, ExportPending, PipelineContext
 from agent.settings import QueueSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,10 @@ def _retry_or_fail(
     step: State,
     exc: RetryableError,
 ) -> None:
-    """Schedule the task again with backoff, or end the study failed once retries run out."""
+    """Schedule the step again with backoff, or end the study failed once retries run out."""
     what = "export" if step == State.EXPORTING else "inference"
     attempt = task.request.retries + 1
-    if task.request.retries >= q.export_max_retries:
+    if task.request.retries >= q.max_retries:
         pipeline.end(ctx, job_id, State.FAILED, f"{what} gave up after {attempt} attempts: {exc}")
         return
     countdown = backoff_seconds(
@@ -42,7 +42,7 @@ def _retry_or_fail(
     pipeline.note_retry(
         ctx, job_id, step, f"retrying in {countdown:.0f} s (attempt {attempt}): {exc}"
     )
-    raise task.retry(countdown=countdown) from exc
+    raise task.retry(countdown=countdown, max_retries=q.max_retries) from exc
 
 
 def register_tasks(app: Celery, settings: Settings, context: Callable[[], PipelineContext]) -> None:
@@ -50,7 +50,7 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
 
     q = settings.queue
 
-    @app.task(name=INFER, bind=True, acks_late=True, max_retries=q.export_max_retries)
+    @app.task(name=INFER, bind=True, acks_late=True, max_retries=q.max_retries)
     def infer(self: Task[Any, Any], job_id: str) -> None:
         ctx = context()
         try:
@@ -75,14 +75,24 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
             return
         self.app.send_task(EXPORT, args=[job_id], queue="io")
 
-    @app.task(name=EXPORT, bind=True, acks_late=True, max_retries=q.export_max_retries)
+    # No retry count: each destination's ceiling (give_up_after_hours) ends an export.
+    @app.task(name=EXPORT, bind=True, acks_late=True, max_retries=None)
     def export(self: Task[Any, Any], job_id: str) -> None:
         ctx = context()
         try:
             pipeline.export(ctx, job_id)
         except Superseded:
             log.info("job %s superseded or already finished", job_id)
-        except RetryableError as exc:
+        except ExportPending as exc:
+            # Held as an ETA message: keep it under the broker's redelivery timeout.
+            countdown = min(exc.retry_in, float(q.task_time_limit_seconds))
+            pipeline.note_retry(
+                ctx, job_id, State.EXPORTING, f"retrying in {countdown:.1f} s: {exc}"
+            )
+            raise self.retry(countdown=countdown, max_retries=None) from exc
+        except ExportFailed as exc:
+            pipeline.end(ctx, job_id, State.FAILED, str(exc))
+        except RetryableError as exc:  # a step before sending (manifest, encoding)
             _retry_or_fail(self, ctx, q, job_id, State.EXPORTING, exc)
         except PermanentError as exc:
             pipeline.end(ctx, job_id, State.FAILED, f"export: {exc}")

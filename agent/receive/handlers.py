@@ -11,6 +11,7 @@ from io import BytesIO
 from typing import cast
 
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -19,6 +20,7 @@ from agent.connections import close_connection, close_reliably
 from agent.db.values import ArrivedInstance
 from agent.dicom.uids import is_valid_uid
 from agent.logs import log_context, study_key
+from agent.receive.auditing import record_rejection
 from agent.receive.filemeta import encode_file_meta
 from agent.receive.identify import Unreadable, identify
 from agent.receive.reads import CappedDataset, bound_datasets, bound_reads
@@ -38,6 +40,8 @@ MISSING_UIDS = 0xC001
 UNEXPECTED = 0xC0FF
 
 ArrivalSink = Callable[[ArrivedInstance], None]
+# Told each C-STORE's outcome: the association, the study (None if unread), stored or refused.
+StoreRecorder = Callable[[Association, str | None, bool], None]
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -52,7 +56,8 @@ class StoreHandler:
     """Writes each received instance to the spool, then acknowledges it.
 
     With a `watermark`, an instance arriving while the spool is low is refused before anything
-    is written; so is a dataset larger than `max_instance_bytes`.
+    is written; so is a dataset larger than `max_instance_bytes`. `record` is told the outcome
+    of each request, for the audit trail.
     """
 
     def __init__(
@@ -62,24 +67,31 @@ class StoreHandler:
         *,
         watermark: Watermark | None = None,
         max_instance_bytes: int | None = None,
+        record: StoreRecorder | None = None,
     ) -> None:
         self._layout = layout
         self._sink = sink
         self._watermark = watermark
         self._max_bytes = max_instance_bytes
+        self._record = record
 
     def __call__(self, event: Event) -> int | Dataset:
+        study_uid: str | None = None
         try:
-            return self._store(event)
+            status, study_uid = self._store(event)
         except Exception:  # the boundary: the listener must survive anything
             log.exception("unexpected error storing an instance")
-            return _status(UNEXPECTED, "internal error, instance not stored")
+            status = _status(UNEXPECTED, "internal error, instance not stored")
+        if self._record is not None:
+            self._record(event.assoc, study_uid, isinstance(status, int) and status == SUCCESS)
+        return status
 
-    def _store(self, event: Event) -> int | Dataset:
+    def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
+        """The response status, and the instance's study when it could be read."""
         request = cast(C_STORE, event.request)
         raw_stream = request.DataSet
         if not isinstance(raw_stream, BytesIO):
-            return _status(CANNOT_UNDERSTAND, "no dataset in request")
+            return _status(CANNOT_UNDERSTAND, "no dataset in request"), None
         if isinstance(raw_stream, CappedDataset):
             size = raw_stream.received
         else:
@@ -87,13 +99,14 @@ class StoreHandler:
                 size = view.nbytes
         refusal = self._refusal(size)
         if refusal is not None:
-            return refusal
+            return refusal, None
         raw = raw_stream.getvalue()
         try:
             ids = identify(raw, event.context.transfer_syntax)
         except Unreadable as exc:
             log.warning("rejected an instance: %s", exc)
-            return _status(CANNOT_UNDERSTAND, str(exc))
+            return _status(CANNOT_UNDERSTAND, str(exc)), None
+        study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
         missing = [
             name
             for name, value in (
@@ -105,14 +118,17 @@ class StoreHandler:
         ]
         if missing:
             log.warning("rejected an instance: missing or invalid %s", ", ".join(missing))
-            return _status(MISSING_UIDS, "missing or invalid " + ", ".join(missing))
+            return _status(MISSING_UIDS, "missing or invalid " + ", ".join(missing)), study_uid
         # PS3.4 B.2.3: the dataset must be of the SOP Class and Instance the request names.
         if ids.sop_class_uid != request.AffectedSOPClassUID:
             log.warning("rejected an instance: SOP Class differs from the request's")
-            return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
+            return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request"), study_uid
         if ids.sop_uid != request.AffectedSOPInstanceUID:
             log.warning("rejected an instance: SOP Instance UID differs from the request's")
-            return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request")
+            return (
+                _status(DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request"),
+                study_uid,
+            )
 
         path = self._layout.instance_path(ids.study_uid, ids.series_uid, ids.sop_uid)
         header = encode_file_meta(
@@ -126,7 +142,7 @@ class StoreHandler:
                 write_atomic(path, (header, raw), self._layout.tmp)
             except OSError as exc:
                 log.error("spool write failed: %s", exc.strerror)
-                return _status(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
+                return _status(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}"), study_uid
             self._sink(
                 ArrivedInstance(
                     study_uid=ids.study_uid,
@@ -137,7 +153,7 @@ class StoreHandler:
                     received_at=datetime.now(UTC),
                 )
             )
-        return SUCCESS
+        return SUCCESS, study_uid
 
     def _refusal(self, size: int) -> Dataset | None:
         """0xA700 when the spool is low or the dataset is over the size limit, else None.
@@ -184,15 +200,16 @@ class RejectWhileSpoolLow:
         # Result 2 (rejected-transient), source 3 (service provider, presentation related),
         # reason 1 (temporary congestion): the sender is to try again later, and does not
         # need to change anything (PS3.8 Table 9-21).
-        reject(assoc, 0x02, 0x03, 0x01)
+        reject(assoc, 0x02, 0x03, 0x01, level.reason)
 
 
-def reject(assoc: Association, result: int, source: int, reason: int) -> None:
-    """Send an A-ASSOCIATE-RJ and close.
+def reject(assoc: Association, result: int, source: int, reason: int, why: str) -> None:
+    """Send an A-ASSOCIATE-RJ and close; the audit trail records it with `why`.
 
     A peer that has already hung up makes the queued rejection an invalid event for the state
     machine; `_drop_on_protocol_error` ends such an association quietly.
     """
+    record_rejection(assoc, result, source, reason, why)
     assoc.acse.send_reject(result, source, reason)
     # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ before
     # the connection is closed, else the peer sees an abort instead.
@@ -314,7 +331,7 @@ class AccessControl:
         reason, failed = refusal
         log.warning("association rejected: %s", failed)
         # Result 1 (rejected-permanent), source 1 (DICOM UL service-user): PS3.8 Table 9-21.
-        reject(assoc, 0x01, 0x01, reason)
+        reject(assoc, 0x01, 0x01, reason, failed)
 
 
 # pynetdicom's DUL thread sleeps this long whenever a pass finds nothing to do (1 ms by
@@ -355,6 +372,9 @@ def _drop_on_protocol_error(assoc: Association) -> None:
             dul._kill_thread = True
             assoc._kill = True
             close_connection(assoc)
+            # PS3.8 answers an invalid event with an abort (AA-8); this path closes the socket
+            # itself, so no EVT_CONN_CLOSE follows: tell the audit trail the association ended.
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
             return
         # Sta1: no transport connection. Before a request arrived, the acceptor still waits
         # for one; an empty queue item reads to it as the ACSE timeout, and it ends at once.

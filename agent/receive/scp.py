@@ -20,8 +20,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from agent import audit
 from agent.dicom.uids import JPEG_XL_SYNTAXES
 from agent.errors import ConfigError
+from agent.receive.auditing import AssociationAudit
 from agent.receive.handlers import (
     AccessControl,
     ArrivalSink,
@@ -141,6 +143,8 @@ class AssociationServer(ThreadedAssociationServer):
                 return
             except OSError as exc:
                 log.warning("TLS handshake with %s failed: %s", peer, describe(exc))
+                port = client_address[1] if isinstance(client_address, tuple) else None
+                audit.tls_refused(audit.Peer(address=peer, port=port), describe(exc))
                 return
         super().process_request_thread(request, client_address)
 
@@ -175,11 +179,16 @@ def start_receiver(
             "[receiver] allowed_callers to restrict it"
         )
     ae = build_ae(settings)
+    associations = AssociationAudit()
     handlers: list[Any] = [
         (
             evt.EVT_C_STORE,
             StoreHandler(
-                layout, sink, watermark=watermark, max_instance_bytes=settings.max_instance_bytes
+                layout,
+                sink,
+                watermark=watermark,
+                max_instance_bytes=settings.max_instance_bytes,
+                record=associations.instance,
             ),
         ),
         (evt.EVT_C_ECHO, handle_echo),
@@ -192,6 +201,8 @@ def start_receiver(
         # After access control, so that a stranger is refused for good, not asked to retry.
         *([(evt.EVT_REQUESTED, RejectWhileSpoolLow(watermark))] if watermark else []),
         (evt.EVT_CONN_OPEN, handle_conn_open, [settings.max_instance_bytes]),
+        # The audit trail: accepted and rejected associations, what each one stored.
+        *associations.handlers(),
     ]
     # make_server with a server class is pynetdicom's way to customise the server; what
     # AE.start_server(block=False) does besides is repeated here.

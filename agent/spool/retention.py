@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from agent import audit
 from agent.db.database import Database, utcnow
 from agent.db.schema import Study
 from agent.logs import log_context
@@ -77,6 +78,7 @@ def purge_expired(
                 count,
                 freed / 1e6,
             )
+            audit.study_purged(study.study_key, state=str(study.state), files=count)
         studies, files, size = studies + 1, files + count, size + freed
     return PurgeReport(studies, files, size)
 

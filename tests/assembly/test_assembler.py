@@ -298,3 +298,94 @@ def test_series_without_a_decoder_ends_skipped_by_name(rig: Rig, tmp_path: Path)
         "ct-tissue: series 1 (CT, 4 instances):"
         " no decoder for JPEG XL Lossless (1.2.840.10008.1.2.4.110)"
     )
+
+
+def test_stale_in_flight_jobs_are_sent_again_once_per_period(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=5, rows=32, cols=32)
+    rig.db.record_arrivals(_spool(rig.layout, list(truth.files), T0))
+    rig.clock.at = T0 + timedelta(minutes=1)
+    rig.assembler.seal_quiet_studies()
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED and study.job_id is not None
+    job, key = study.job_id, study.study_key
+    assembler = Assembler(
+        rig.db,
+        rig.layout,
+        quiet_seconds=30,
+        models=(ModelSettings(),),
+        enqueue=rig.recorder,
+        clock=rig.clock,
+        stale_after=60,
+    )
+    rig.recorder.jobs.clear()
+    changed = study.updated_at.replace(tzinfo=UTC)  # the database's own (real) clock
+
+    rig.clock.at = changed + timedelta(seconds=59)
+    assembler.requeue_stale()
+    assert rig.recorder.jobs == []  # the broker may simply be busy
+
+    rig.clock.at = changed + timedelta(seconds=61)
+    with caplog.at_level("WARNING", logger="agent.assembly.assembler"):
+        assembler.requeue_stale()
+    assert [j for j, _ in rig.recorder.jobs] == [job]
+    assert f"study {key} stuck queued for 61 s" in caplog.text
+    assert truth.study_uid not in caplog.text
+
+    rig.clock.at = changed + timedelta(seconds=100)
+    assembler.requeue_stale()  # sent 39 s ago: a full period again before the next try
+    assert len(rig.recorder.jobs) == 1
+    rig.clock.at = changed + timedelta(seconds=122)
+    assembler.requeue_stale()
+    assert len(rig.recorder.jobs) == 2
+
+    # A worker picks it up: the state changed, so the period starts from that change.
+    rig.db.transition(truth.study_uid, State.INFERRING, expect_job=job)
+    moved = rig.db.get(truth.study_uid).updated_at.replace(tzinfo=UTC)  # type: ignore[union-attr]
+    assembler = Assembler(  # a restarted serve: it remembers no earlier sends
+        rig.db,
+        rig.layout,
+        quiet_seconds=30,
+        models=(ModelSettings(),),
+        enqueue=rig.recorder,
+        clock=rig.clock,
+        stale_after=60,
+    )
+    rig.clock.at = moved + timedelta(seconds=30)
+    assembler.requeue_stale()
+    assert len(rig.recorder.jobs) == 2
+    rig.recorder.fail = True  # the broker is down: a warning, no crash, tried again later
+    rig.clock.at = moved + timedelta(seconds=61)
+    with caplog.at_level("WARNING", logger="agent.assembly.assembler"):
+        assembler.requeue_stale()
+    assert f"study {key} stuck inferring for 61 s" in caplog.text
+    assert "cannot enqueue yet" in caplog.text
+    rig.recorder.fail = False
+    rig.clock.at = moved + timedelta(seconds=100)
+    assembler.requeue_stale()
+    assert len(rig.recorder.jobs) == 2
+    rig.clock.at = moved + timedelta(seconds=125)
+    assembler.requeue_stale()
+    assert [j for j, _ in rig.recorder.jobs] == [job, job, job]
+
+    rig.db.transition(truth.study_uid, State.EXPORTING, expect_job=job)
+    rig.db.transition(truth.study_uid, State.DONE, expect_job=job)
+    rig.clock.at = moved + timedelta(days=1)
+    assembler.requeue_stale()  # ended studies are never sent again
+    assert len(rig.recorder.jobs) == 3
+
+
+def test_a_restart_gives_a_study_still_arriving_a_full_quiet_period(
+    rig: Rig, tmp_path: Path
+) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=5, rows=32, cols=32)
+    rig.db.record_arrivals(_spool(rig.layout, list(truth.files)[:3], T0))
+    # The agent was down for ten minutes; its sender's association broke and it will re-send.
+    rig.clock.at = T0 + timedelta(minutes=10)
+    rig.assembler.resume(requeue_in_flight=False)
+    rig.assembler.seal_quiet_studies()
+    assert rig.db.get(truth.study_uid).state == State.RECEIVING  # type: ignore[union-attr]
+    rig.clock.at = T0 + timedelta(minutes=10, seconds=30)
+    rig.assembler.seal_quiet_studies()
+    assert rig.db.get(truth.study_uid).state == State.QUEUED  # type: ignore[union-attr]

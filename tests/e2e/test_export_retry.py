@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import State
 from tests.e2e.outputs import fetch_outputs
-from tests.support.agent import AgentProcess, serving_agent, wait_for_study
+from tests.support.agent import AgentProcess, cli, serving_agent, wait_for_study
 from tests.support.dcmtk import storescu
 from tests.support.orthanc import Orthanc
 from tests.support.phantom import PhantomTruth, write_phantom_series
@@ -62,13 +63,46 @@ def test_pacs_down_then_up_is_retried_until_done(tmp_path: Path) -> None:
             )
 
 
-def test_pacs_that_stays_down_ends_failed_with_reason(tmp_path: Path) -> None:
-    destinations = [("ORTHANC", "127.0.0.1", free_port())]
-    with agent_with_study(tmp_path, max_retries=2, destinations=destinations) as sent:
+def test_pacs_that_stays_down_ends_failed_listed_and_retry_sends_it(tmp_path: Path) -> None:
+    pacs_port = free_port()
+    destinations = [("ORTHANC", "127.0.0.1", pacs_port)]
+    with agent_with_study(tmp_path, give_up_after_seconds=6, destinations=destinations) as sent:
         failed = sent.final()
         assert failed.state == State.FAILED
-        assert failed.reason.startswith("export gave up after 3 attempts")
+        assert failed.reason.startswith("export to pacs0: gave up after 6 s (")
+        assert "association refused or failed" in failed.reason
         sent.agent.assert_running()  # the service carries on
+        config = str(sent.agent.config)
+        listed = cli("status", "--failed", "--config", config)
+        assert listed.returncode == 0 and failed.study_key in listed.stdout, listed.stderr
+
+        pacs = Orthanc()
+        pacs.dicom_port = pacs_port
+        with pacs:
+            retried = cli("retry", "--all-failed", "--config", config)
+            assert retried.returncode == 0, retried.stderr
+            assert retried.stdout.split() == [failed.study_key, "queued", "again"]
+            done = sent.final(60)
+            assert done.state == State.DONE, done.reason
+            truth = sent.truth
+            fetch_outputs(
+                pacs, truth.study_uid, truth.series_uid, set(truth.sop_uids), tmp_path / "out"
+            )
+            # Inference was not run again: its results were kept with the job.
+            log_text = sent.agent.log_path.read_text(errors="replace")
+            assert len(re.findall(r"model ct-tissue \S+ finished", log_text)) == 1
+        detail = cli("status", failed.study_key, "--config", config)
+        assert "to pacs0: 2 of 2 stored" in detail.stdout, detail.stdout
+        assert detail.stdout.count("0x0000 (Success)") == 2, detail.stdout
+
+
+def test_retry_refuses_a_study_that_has_not_failed(tmp_path: Path) -> None:
+    with agent_with_study(tmp_path) as sent:
+        done = sent.final()
+        assert done.state == State.DONE
+        refused = cli("retry", done.study_key, "--config", str(sent.agent.config))
+        assert refused.returncode == 1
+        assert f"study {done.study_key} is done; only failed or skipped" in refused.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -153,6 +154,14 @@ def test_mixed_study_gives_one_seg_and_sr_then_revisions(orthanc: Orthanc, tmp_p
     assert "study complete" in logs and "study done" in logs  # the log did record the study
     for identity in (NAME, "Müller", "Jürgen", PATIENT_ID, "19470315", "PHANTOM^CT"):
         assert identity not in logs, identity
+    # The audit trail (beside the spool by default) names the study by its key, and only so.
+    audit = (tmp_path / "agent" / "audit.log").read_text(encoding="utf-8")
+    entries = [json.loads(line) for line in audit.splitlines()]
+    received = [e for e in entries if e["event"] == "instances-received"]
+    assert sum(e["stored"] for e in received) == 45, audit  # 3 associations, 45 instances
+    assert all(s["study"] == done.study_key for e in received for s in e["studies"]), audit
+    for identity in (NAME, "Müller", "Jürgen", PATIENT_ID, "19470315", "PHANTOM^CT", study_uid):
+        assert identity not in audit, identity
 
 
 def test_enhanced_ct_gives_a_seg_on_its_frames(orthanc: Orthanc, tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def ct_file(tmp_path: Path) -> Path:
 def test_echo_and_send_over_tls(peer: Peer, pki: Pki, ct_file: Path) -> None:
     destination = _destination(peer.port, **_mutual(pki))
     dimse.echo(destination, "PACS_AGENT")
-    dimse.send(destination, "PACS_AGENT", [ct_file])
+    dimse.send(destination, "PACS_AGENT", [ct_file], [].append)
     assert [str(ds.SOPClassUID) for ds in peer.received] == [CTImageStorage]
 
 
@@ -123,7 +123,7 @@ def test_wrong_ca_fails_naming_the_destination(peer: Peer, pki: Pki, ct_file: Pa
         dimse.echo(destination, "PACS_AGENT")
     assert str(info.value).startswith("destination pacs: TLS failed: certificate verify failed")
     with pytest.raises(RetryableError, match=r"^destination pacs: TLS failed: certificate"):
-        dimse.send(destination, "PACS_AGENT", [ct_file])
+        dimse.send(destination, "PACS_AGENT", [ct_file], [].append)
     assert peer.received == []
 
 

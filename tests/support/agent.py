@@ -27,6 +27,7 @@ def write_config(
     database_url: str = "",
     quiet_seconds: float = 1.5,
     max_retries: int = 8,
+    give_up_after_seconds: float = 24 * 3600,
     destinations: list[tuple[str, str, int]] = (),  # type: ignore[assignment]
     extra: str = "",
 ) -> Path:
@@ -43,7 +44,7 @@ def write_config(
         f"quiet_seconds = {quiet_seconds}",
         "[queue]",
         f'broker_url = "{broker_url}"',
-        f"export_max_retries = {max_retries}",
+        f"max_retries = {max_retries}",
         "retry_backoff_seconds = 0.5",
         "retry_backoff_max_seconds = 2.0",
         "[database]",
@@ -58,6 +59,9 @@ def write_config(
             f'ae_title = "{aet}"',
             f'host = "{host}"',
             f"port = {dport}",
+            "retry_backoff_seconds = 0.5",
+            "retry_backoff_max_seconds = 2.0",
+            f"give_up_after_hours = {give_up_after_seconds / 3600!r}",
         ]
     path = folder / "agent.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
