@@ -381,7 +381,7 @@ def _drop_on_protocol_error(assoc: Association) -> None:
         if not woken and dul.state_machine.current_state == "Sta1" and not assoc.is_established:
             woken = True
             if assoc.requestor.primitive is None:
-                dul.to_user_queue.put(None)  # type: ignore[arg-type]
+                dul.to_user_queue.put(None)
 
     setattr(dul.state_machine, "do_action", guarded)  # noqa: B010 (mypy: a method)
 
