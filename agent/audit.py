@@ -266,10 +266,16 @@ def association(
 
 
 def instances_received(
-    *, source: Peer, destination: Peer, studies: Sequence[StudyCount], ended: str
+    *,
+    source: Peer,
+    destination: Peer,
+    studies: Sequence[StudyCount],
+    ended: str,
+    user: str | None = None,
 ) -> None:
     """What one association stored, per study, written once when it ends (`ended`: released,
-    aborted or closed): one line per association, however many instances it carried.
+    aborted or closed): one line per association, however many instances it carried. A STOW-RS
+    request is written the same way, `ended` its HTTP status and `user` who it was admitted as.
 
     PS3.15 A.5.3.5 DICOM Instances Transferred, action Create. Success when nothing was refused,
     minor failure when some instances were, serious failure when every one was.
@@ -287,6 +293,7 @@ def instances_received(
         source=_peer(source),
         destination=_peer(destination),
         ended=ended,
+        user=user,
         stored=stored,
         refused=refused,
         studies=[asdict(study) for study in studies],
@@ -390,4 +397,18 @@ def tls_refused(source: Peer, detail: str) -> None:
         event_type=NODE_AUTHENTICATION,
         source=_peer(source),
         reason=detail,
+    )
+
+
+def login_refused(source: Peer, reason: str) -> None:
+    """An HTTP request refused for missing or wrong credentials (PS3.15 A.5.3.11 User
+    Authentication, Login, minor failure); `reason` never holds the credentials tried."""
+    _emit(
+        "login-refused",
+        USER_AUTHENTICATION,
+        Action.EXECUTE,
+        Outcome.MINOR_FAILURE,
+        event_type=LOGIN,
+        source=_peer(source),
+        reason=reason,
     )

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -22,18 +22,23 @@ from agent.db.database import Database
 from agent.domain import Manifest
 from agent.errors import AgentError, ConfigError
 from agent.logs import configure_logging
-from agent.settings import Settings, load_settings
+from agent.settings import DestinationSettings, Settings, load_settings
 from agent.spool.layout import SpoolLayout
 from agent.spool.writer import write_atomic
 
 if TYPE_CHECKING:  # the heavy modules (torch, highdicom, celery) load only for the roles using them
     from celery import Celery
 
+    from agent.db.values import ArrivedInstance
     from agent.pipeline import PipelineContext
+    from agent.spool.watermark import Watermark
+    from agent.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# sysexits.h EX_TEMPFAIL: a source or the spool is unavailable now; the same command may work later.
+EXIT_TEMPFAIL = 75
 
 
 def _context(settings: Settings) -> PipelineContext:
@@ -79,6 +84,9 @@ def cmd_serve(settings: Settings) -> int:
 
     ctx = _context(settings)
     app = create_app(settings, lambda: ctx)
+    from agent.pull.service import Pulls
+
+    pulls = Pulls(settings, ctx.db, ctx.layout)
     assembler = Assembler(
         ctx.db,
         ctx.layout,
@@ -87,22 +95,24 @@ def cmd_serve(settings: Settings) -> int:
         enqueue=enqueuer(app),
         clock=SystemClock(),
         stale_after=settings.queue.stale_after,
+        counts=pulls.counts(),
+        verify_after=settings.study.verify_after_seconds,
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
+    watermark = Watermark.from_settings(settings.spool)
     try:
-        server = start_receiver(
-            settings.receiver,
-            ctx.layout,
-            assembler.submit,
-            Watermark.from_settings(settings.spool),
-        )
+        server = start_receiver(settings.receiver, ctx.layout, assembler.submit, watermark)
     except OSError as exc:
         ctx.db.dispose()
         where = f"{settings.receiver.host}:{settings.receiver.port}"
         raise AgentError(f"receiver cannot listen on {where}: {exc.strerror}") from exc
+    web = _start_web(settings, ctx, assembler.submit, watermark, server.shutdown)
     assembler.start()
     sweeper = RetentionSweeper(ctx.db, ctx.layout, retention_days=settings.spool.retention_days)
     sweeper.start()
+    pollers = pulls.pollers()
+    for poller in pollers:
+        poller.start()
     try:
         if settings.queue.embedded:
             log.info("embedded worker on the in-memory broker")
@@ -111,12 +121,43 @@ def cmd_serve(settings: Settings) -> int:
         else:
             _wait_for_signal()
     finally:
+        for poller in pollers:
+            poller.stop()
+        if web is not None:
+            web.stop()
         server.shutdown()
         sweeper.stop()
         assembler.stop()
         ctx.db.dispose()
         log.info("stopped")
     return EXIT_OK
+
+
+def _start_web(
+    settings: Settings,
+    ctx: PipelineContext,
+    sink: Callable[[ArrivedInstance], None],
+    watermark: Watermark,
+    stop_receiver: Callable[[], None],
+) -> WebServer | None:
+    """The [web] port, when enabled, with STOW-RS arrivals going where the receiver's go."""
+    if not settings.web.enabled:
+        return None
+    from agent.web.app import WebServices
+    from agent.web.server import start_web
+
+    services = WebServices(settings, ctx.layout, ctx.db, sink, watermark)
+    try:
+        return start_web(services)
+    except OSError as exc:
+        stop_receiver()
+        ctx.db.dispose()
+        where = f"{settings.web.host}:{settings.web.port}"
+        raise AgentError(f"web port cannot listen on {where}: {exc.strerror or exc}") from exc
+    except BaseException:
+        stop_receiver()
+        ctx.db.dispose()
+        raise
 
 
 def _wait_for_signal() -> None:
@@ -266,6 +307,33 @@ def cmd_retry(settings: Settings, key: str | None, all_failed: bool) -> int:
     return EXIT_OK
 
 
+def cmd_submit(settings: Settings, study_uid: str, source: str | None) -> int:
+    """Pull a study from a source into the spool and the database; the running service (or
+    the next one to start) processes it, as it would a study pushed to it."""
+    from agent.pull.service import Pulls
+    from agent.pull.source import SourceUnavailable
+
+    layout = SpoolLayout(settings.spool.path)
+    layout.create()
+    db = Database(settings.database_url)
+    db.create_schema()
+    audit.configure_audit(settings)
+    try:
+        result = Pulls(settings, db, layout).pull(study_uid, source)
+    except SourceUnavailable as exc:
+        print(f"pacs-agent: {exc}; try again later", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    finally:
+        db.dispose()
+        audit.close_audit()
+    refused = f", {result.refused} refused" if result.refused else ""
+    print(
+        f"{result.study_key}  pulled {result.stored} instances from {result.source}{refused}; "
+        "`pacs-agent serve` processes it"
+    )
+    return EXIT_OK
+
+
 def cmd_rules_test(settings: Settings, path: Path) -> int:
     from agent.assembly.explain import report
 
@@ -285,8 +353,6 @@ def _check(name: str, action: object) -> bool:
 
 
 def cmd_check_config(settings: Settings) -> int:
-    from agent.export import dimse
-
     layout = SpoolLayout(settings.spool.path)
 
     def spool() -> None:
@@ -318,6 +384,14 @@ def cmd_check_config(settings: Settings) -> int:
         if settings.receiver.tls is not None:
             server_context(settings.receiver.tls)
 
+    def web_port() -> None:
+        from agent.tls import server_context
+        from agent.web.auth import Authenticator
+
+        if settings.web.tls is not None:
+            server_context(settings.web.tls)
+        Authenticator.from_settings(settings.web)
+
     results = [
         _check(f"spool {settings.spool.path}", spool),
         _check("database", database),
@@ -325,26 +399,47 @@ def cmd_check_config(settings: Settings) -> int:
     ]
     if settings.receiver.tls is not None:
         results.append(_check("receiver TLS certificate, key and CA", receiver_tls))
+    if settings.web.enabled:
+        results.append(_check("web port certificate, key, tokens and passwords", web_port))
     for dest in settings.destinations:
         results.append(
             _check(
-                f"destination {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) C-ECHO",
-                lambda d=dest: dimse.echo(d, settings.receiver.ae_title),
+                f"destination {dest.name} ({_where(dest)}) {_probe_name(dest)}",
+                lambda d=dest: _probe(d, settings.receiver.ae_title),
             )
         )
     return EXIT_OK if all(results) else EXIT_FAILURE
 
 
 def cmd_echo(settings: Settings, name: str) -> int:
-    from agent.export import dimse
 
     dest = next((d for d in settings.destinations if d.name == name), None)
     if dest is None:
         known = ", ".join(d.name for d in settings.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (known: {known})")
-    dimse.echo(dest, settings.receiver.ae_title)
-    print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): success")
+    _probe(dest, settings.receiver.ae_title)
+    print(f"{_probe_name(dest)} {dest.name} ({_where(dest)}): success")
     return EXIT_OK
+
+
+def _where(dest: DestinationSettings) -> str:
+    if dest.kind == "dicomweb":
+        return dest.url or ""
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def _probe_name(dest: DestinationSettings) -> str:
+    return "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
+
+
+def _probe(dest: DestinationSettings, calling_ae: str) -> None:
+    """C-ECHO a DICOM peer; ask a DICOMweb server for one study (reachable, credentials good)."""
+    from agent.export import dimse, stow
+
+    if dest.kind == "dicomweb":
+        stow.check(dest)
+    else:
+        dimse.echo(dest, calling_ae)
 
 
 def run_role(settings: Settings, args: argparse.Namespace) -> int:
@@ -404,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("study", nargs="?", help="a study key (or its first 6+ characters)")
     which.add_argument("--all-failed", action="store_true", help="every failed study")
+    submit = sub.add_parser("submit", help="pull a study from a [[sources]] archive and process it")
+    with_config(submit, True)
+    submit.add_argument("--study", required=True, help="the StudyInstanceUID")
+    submit.add_argument(
+        "--from", dest="source", help="the source's name (default: the only one configured)"
+    )
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     with_config(echo, True)
     echo.add_argument("destination")
@@ -428,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_rules_test(settings, args.path)
         if args.command == "retry":
             return cmd_retry(settings, args.study, args.all_failed)
+        if args.command == "submit":
+            return cmd_submit(settings, args.study, args.source)
         if args.command == "check-config":
             return cmd_check_config(settings)
         return cmd_echo(settings, args.destination)

@@ -7,7 +7,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -218,6 +218,10 @@ class SpoolSettings(_Section):
 
 class StudySettings(_Section):
     quiet_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # A study pushed by a sender that a [[sources]] entry lists in calling_ae_titles is checked
+    # against that source (its NumberOfStudyRelatedInstances) after this many quiet seconds,
+    # then again after twice, four times as many, ...; it starts as soon as the counts match.
+    verify_after_seconds: Annotated[float, Field(gt=0)] = 2.0
 
 
 class QueueSettings(_Section):
@@ -305,14 +309,92 @@ class ModelSettings(_Section):
     select: SelectRules = SelectRules()
 
 
-class DestinationSettings(_Section):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    kind: Literal["dimse"] = "dimse"
-    ae_title: AeTitle
-    host: str
-    port: Port
+class HttpAuth(_Section):
+    """How pacs-agent authenticates to a DICOMweb server: not at all, basic, or a bearer token."""
+
+    kind: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password: SecretRef | None = None
+    token: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> HttpAuth:
+        if self.kind == "basic" and (self.username is None or self.password is None):
+            raise ValueError("basic auth needs username and password")
+        if self.kind == "bearer" and self.token is None:
+            raise ValueError("bearer auth needs token")
+        return self
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/") if value is not None else None
+
+
+class DicomWebEndpoint(_Section):
+    """A DICOMweb server: its base URL (the one /studies hangs off), auth and TLS checks."""
+
+    url: str | None = None
+    auth: HttpAuth = HttpAuth()
+    # TLS certificates are checked against the system's CAs, or these when given.
+    verify_tls: bool = True
+    ca_certificates: Path | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+
+class DicomPeer(DicomWebEndpoint):
+    """A destination or source: a DICOM peer (`dimse`) or a DICOMweb server (`dicomweb`)."""
+
+    role: ClassVar[str] = "peer"
+    kind: Literal["dimse", "dicomweb"]
+    # dimse: the peer's AE title and address.
+    ae_title: AeTitle | None = None
+    host: str | None = None
+    port: Port | None = None
     # DICOM TLS; `tls = true` (or `{}`) trusts the system's CAs and checks the host name.
     tls: DestinationTls | None = None
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Self:
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        if self.kind == "dimse":
+            missing = [key for key, value in dimse.items() if value is None]
+            if missing:
+                raise ValueError(f"a dimse {self.role} needs {', '.join(missing)}")
+            if self.url is not None:
+                raise ValueError('url is for kind = "dicomweb"')
+        else:
+            if self.url is None:
+                raise ValueError(f"a dicomweb {self.role} needs url")
+            given = [key for key, value in {**dimse, "tls": self.tls}.items() if value is not None]
+            if given:
+                raise ValueError(f'{", ".join(given)}: for kind = "dimse" (use an https:// url)')
+        return self
+
+
+class DestinationSettings(DicomPeer):
+    """Where results go: a DICOM peer by C-STORE (`dimse`) or a DICOMweb server by STOW-RS."""
+
+    role: ClassVar[str] = "destination"
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    # dicomweb (`url`, `auth`, `verify_tls`, `ca_certificates`, `timeout_seconds` as for any
+    # DICOMweb endpoint): objects go in requests of at most this many instances and bytes.
+    stow_max_instances: Annotated[int, Field(ge=1)] = 50
+    stow_max_bytes: Annotated[int, Field(ge=1)] = 100 * 1024 * 1024
     # A failed export is tried again after retry_backoff_seconds, doubling up to
     # retry_backoff_max_seconds, each wait drawn at random from its upper half (jitter);
     # after give_up_after_hours without success the study ends `failed: export to <name>`.
@@ -323,11 +405,84 @@ class DestinationSettings(_Section):
     # connects until a backoff has passed; then one worker probes, and a success closes it.
     breaker_failures: Annotated[int, Field(ge=1)] = 3
 
-    @field_validator("tls", mode="before")
+
+class SourcePoll(_Section):
+    """Watching a source: which new studies its search (QIDO-RS or C-FIND) finds, and how
+    often it looks."""
+
+    interval_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Only studies with one of these in ModalitiesInStudy; empty: any modality.
+    modalities: tuple[Annotated[str, Field(min_length=1, max_length=16)], ...] = ()
+    # Only studies whose StudyDate is today or up to this many days before; unset: any date.
+    study_date_days: Annotated[int, Field(ge=0)] | None = None
+    # A shell-style glob matched case-insensitively against StudyDescription; unset: any.
+    study_description: Pattern | None = None
+    # The most studies one search returns (per modality when modalities are given).
+    limit: Annotated[int, Field(ge=1, le=10000)] = 100
+    # Studies already in the archive when the source is first watched are remembered as seen,
+    # not pulled; true pulls them too (within the filters).
+    backfill: bool = False
+
+    @field_validator("modalities")
     @classmethod
-    def _tls_switch(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            return {} if value else None
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.upper() for v in value)
+
+
+class SourceSettings(DicomPeer):
+    """An archive pacs-agent pulls studies from (`pacs-agent submit`, the poller) and asks how
+    many instances a study has (completeness by count): a DICOMweb server (QIDO-RS, WADO-RS)
+    or a DICOM peer (`dimse`: C-FIND, C-GET)."""
+
+    role: ClassVar[str] = "source"
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # dimse: `timeout_seconds` bounds each reply of the archive.
+    kind: Literal["dicomweb", "dimse"] = "dicomweb"
+    # Senders whose pushes this source can confirm: it holds every study they send us too.
+    calling_ae_titles: tuple[AeTitle, ...] = ()
+    poll: SourcePoll | None = None
+
+
+class WebTls(ReceiverTls):
+    """HTTPS on the web port: its certificate and key, and optionally the CAs of client
+    certificates (as [receiver.tls]; TLS 1.2 or later)."""
+
+
+class WebUser(_Section):
+    """One HTTP Basic user (RFC 7617): the name, and where its password is kept."""
+
+    # RFC 7617 2: the user-id cannot contain a colon.
+    username: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^:\x00-\x1f]+$")]
+    password: SecretRef
+
+
+class WebSettings(_Section):
+    """The HTTP port: STOW-RS ingest (/dicom-web), the JSON API (/api) and health."""
+
+    # On by default, on loopback only: the health and status API for this host, and a STOW-RS
+    # door that refuses everyone until tokens or users are configured.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # With a [web.tls] table the port speaks HTTPS only.
+    tls: WebTls | None = None
+    # Bearer tokens accepted (RFC 6750), each from a file or an environment variable.
+    tokens: tuple[SecretRef, ...] = ()
+    # HTTP Basic users (RFC 7617); use them over TLS only, the password travels in every request.
+    users: tuple[WebUser, ...] = ()
+    # Requests without credentials are served; with neither tokens nor users nor this, every
+    # request but /api/health is refused with 401.
+    allow_anonymous: bool = False
+    # Largest STOW-RS request body; a larger one is refused with 413. Each instance in it is
+    # also held to [receiver] max_instance_bytes. Unset: no limit beyond that one.
+    max_request_bytes: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, value: tuple[WebUser, ...]) -> tuple[WebUser, ...]:
+        names = [user.username for user in value]
+        if len(set(names)) != len(names):
+            raise ValueError("user names must be unique")
         return value
 
 
@@ -349,6 +504,8 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     models: tuple[ModelSettings, ...] = (ModelSettings(),)
     destinations: tuple[DestinationSettings, ...] = ()
+    sources: tuple[SourceSettings, ...] = ()
+    web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -356,9 +513,13 @@ class Settings(_Section):
         for kind, names in (
             ("destinations", [d.name for d in self.destinations]),
             ("models", [m.name for m in self.models]),
+            ("sources", [s.name for s in self.sources]),
         ):
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind}: names must be unique, got {names}")
+        senders = [ae.strip() for s in self.sources for ae in s.calling_ae_titles]
+        if len(set(senders)) != len(senders):
+            raise ValueError("sources: a calling AE title is listed by one source at most")
         if not self.models:
             raise ValueError("models: at least one [[models]] entry is needed")
         return self
@@ -397,12 +558,41 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     receiver = raw.get("receiver")
     if isinstance(receiver, dict):
         _resolve_tls_paths(receiver.get("tls"), base)
+    web = raw.get("web")
+    if isinstance(web, dict):
+        _resolve_tls_paths(web.get("tls"), base)
+        users = web.get("users")
+        secrets = [
+            *(web.get("tokens") or []),
+            *(u.get("password") for u in users or [] if isinstance(u, dict)),
+        ]
+        for secret in secrets:
+            _resolve_secret_file(secret, base)
     destinations = raw.get("destinations")
     if isinstance(destinations, list):
         for destination in destinations:
             if isinstance(destination, dict):
                 _resolve_tls_paths(destination.get("tls"), base)
+    sources = raw.get("sources")
+    if isinstance(sources, list):
+        for source in sources:
+            if isinstance(source, dict):
+                _resolve_tls_paths(source.get("tls"), base)
+                if isinstance(source.get("ca_certificates"), str):
+                    source["ca_certificates"] = str(
+                        (base / os.path.expanduser(source["ca_certificates"])).resolve()
+                    )
+                auth = source.get("auth")
+                if isinstance(auth, dict):
+                    _resolve_secret_file(auth.get("password"), base)
+                    _resolve_secret_file(auth.get("token"), base)
     return raw
+
+
+def _resolve_secret_file(secret: object, base: Path) -> None:
+    """A SecretRef's file, made file-relative."""
+    if isinstance(secret, dict) and isinstance(secret.get("file"), str):
+        secret["file"] = str((base / os.path.expanduser(secret["file"])).resolve())
 
 
 def _resolve_tls_paths(tls: object, base: Path) -> None:

@@ -2,7 +2,9 @@
 
 Every run sends one synthetic CT series (default 300 slices of 512x512, uncompressed) with DCMTK
 storescu over one association to each target, timed with a monotonic clock around the storescu
-call, each time with fresh study/series/instance UIDs. After the pacs-agent send, the benchmark
+call, each time with fresh study/series/instance UIDs. The agent's STOW-RS front door gets the
+same series as one multipart/related request (streamed from the files by `requests`), timed
+from the request's start to its 200. After the pacs-agent send, the benchmark
 also waits until the agent's SEG + SR are stored in Orthanc (the agent's destination) and reads
 the stage timestamps from the agent's database. See bench/README.md.
 
@@ -22,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import requests
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -43,7 +47,8 @@ from tests.support.ports import LOOPBACK, free_port, wait_until_listening
 from tests.support.process import ManagedProcess
 
 # "pynetdicom" is a reference, not a peer: pynetdicom acknowledging without storing anything.
-TARGETS = ("storescp", "orthanc", "pacs-agent", "pynetdicom")
+# "agent-stow" is pacs-agent's STOW-RS door on its web port, the same series in one request.
+TARGETS = ("storescp", "orthanc", "pacs-agent", "agent-stow", "pynetdicom")
 AGENT_AET = "PACS_AGENT"
 CALLING_AET = "BENCH_SCU"
 STORESCU_TIMEOUT_S = 300.0
@@ -52,6 +57,9 @@ POLL_S = 0.1
 # Ratio targets of the receive time (medians).
 MAX_AGENT_OVER_STORESCP = 2.0
 MAX_AGENT_OVER_ORTHANC = 1.0
+MAX_STOW_OVER_ORTHANC = 1.0  # STOW-RS into the agent at least as fast as Orthanc's C-STORE
+STOW_TOKEN = "bench-stow-token"
+STOW_CHUNK_BYTES = 1024 * 1024
 
 # (label, from state, to state) of the per-stage breakdown; None means the study's last arrival.
 STAGES: tuple[tuple[str, State | None, State], ...] = (
@@ -150,6 +158,7 @@ class Report:
         data["ratios"] = {
             "pacs-agent/storescp": self.ratio("pacs-agent", "storescp"),
             "pacs-agent/orthanc": self.ratio("pacs-agent", "orthanc"),
+            "agent-stow/orthanc": self.ratio("agent-stow", "orthanc"),
         }
         data["all_received"] = self.all_received
         data["end_to_end_ok"] = self.end_to_end_ok
@@ -199,6 +208,38 @@ def timed_send(series: Series, port: int, called_aet: str) -> tuple[float, str]:
     error = ""
     if result.returncode != 0:
         error = f"storescu exited {result.returncode}: {(result.stderr or result.stdout)[-500:]}"
+    return elapsed, error
+
+
+def timed_stow(series: Series, url: str) -> tuple[float, str]:
+    """POST the series as one STOW-RS request, streamed from the files; (seconds, error)."""
+    boundary = uuid.uuid4().hex
+
+    def body() -> Iterator[bytes]:
+        for path in series.files:
+            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            with path.open("rb") as fp:
+                while chunk := fp.read(STOW_CHUNK_BYTES):
+                    yield chunk
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Authorization": f"Bearer {STOW_TOKEN}",
+    }
+    os.sync()
+    start = time.monotonic()
+    with requests.Session() as session:
+        session.trust_env = False  # never a proxy: loopback only
+        try:
+            response = session.post(
+                f"{url}/dicom-web/studies", data=body(), headers=headers, timeout=STORESCU_TIMEOUT_S
+            )
+        except requests.RequestException as exc:
+            return time.monotonic() - start, f"STOW-RS failed: {exc}"
+    elapsed = time.monotonic() - start
+    error = "" if response.status_code == 200 else f"HTTP {response.status_code}"
     return elapsed, error
 
 
@@ -377,18 +418,26 @@ def run_benchmark(args: argparse.Namespace) -> Report:
         log("starting storescp, Orthanc and pacs-agent serve")
         scp = stack.enter_context(StoreSCP(root / "storescp"))
         orthanc = stack.enter_context(Orthanc(extra_config={"SyncStorageArea": args.orthanc_sync}))
-        agent_port = free_port()
+        agent_port, web_port = free_port(), free_port()
+        token_file = root / "stow-token"
+        token_file.write_text(STOW_TOKEN)
+        web = (
+            f'[web]\nhost = "{LOOPBACK}"\nport = {web_port}\n'
+            f'tokens = [{{ file = "{token_file}" }}]\n'
+        )
         config = write_config(
             root / "agent",
             port=agent_port,
             quiet_seconds=args.quiet,
             destinations=[(orthanc.aet, LOOPBACK, orthanc.dicom_port)],
+            extra=web,
         )
         bare_port = stack.enter_context(BareSCP(root / "bare-scp.log")).port
         agent = stack.enter_context(AgentProcess(config, "serve"))
         agent.wait_listening(agent_port)
         assert agent.process is not None
         agent_pid = agent.process.pid
+        wait_until_listening(web_port, timeout=60, pid=agent_pid)
         db = stack.enter_context(agent_database(config))
         layout = SpoolLayout(root / "agent" / "spool")
 
@@ -406,6 +455,11 @@ def run_benchmark(args: argparse.Namespace) -> Report:
                     seconds, error = timed_send(series, bare_port, AGENT_AET)
                     # It keeps nothing: storescu's success for every instance is the count.
                     received = 0 if error else len(series.files)
+                elif target == "agent-stow":
+                    seconds, error = timed_stow(series, f"http://{LOOPBACK}:{web_port}")
+                    sent = time.monotonic()
+                    # A 200 means every instance is durable in the spool.
+                    received = count_files(layout.study_dir(series.study_uid))
                 elif target == "orthanc":
                     seconds, error = timed_send(series, orthanc.dicom_port, orthanc.aet)
                     received = len(orthanc.instances_of_series(series.series_uid))
@@ -424,6 +478,10 @@ def run_benchmark(args: argparse.Namespace) -> Report:
                     f"run {run} {target:<10} {seconds:7.2f} s  "
                     f"{received}/{len(series.files)} received {error}"
                 )
+                if target == "agent-stow" and sample.ok:
+                    # Not timed: only so that its processing does not overlap the next send.
+                    e2e = wait_end_to_end(run, series, sent, orthanc, db, args.quiet, agent_alive)
+                    log(f"run {run} STOW-RS study end to end {fmt_s(e2e.to_orthanc_s)} {e2e.error}")
                 if target == "pacs-agent" and sample.ok:
                     e2e = wait_end_to_end(run, series, sent, orthanc, db, args.quiet, agent_alive)
                     report.end_to_end.append(e2e)
@@ -496,6 +554,7 @@ def render(report: Report) -> str:
             lines.append(f"! {s.target} run {s.run} failed (left out of the median): {why}")
     agent_scp = report.ratio("pacs-agent", "storescp")
     agent_orthanc = report.ratio("pacs-agent", "orthanc")
+    stow_orthanc = report.ratio("agent-stow", "orthanc")
     lines += [
         "",
         "ratios of medians:",
@@ -505,6 +564,9 @@ def render(report: Report) -> str:
         f"  pacs-agent / Orthanc  = {fmt_ratio(agent_orthanc)}  "
         f"(target <  {MAX_AGENT_OVER_ORTHANC:.1f}: "
         f"{verdict(agent_orthanc, MAX_AGENT_OVER_ORTHANC, False)})",
+        f"  agent-stow / Orthanc  = {fmt_ratio(stow_orthanc)}  "
+        f"(target <= {MAX_STOW_OVER_ORTHANC:.1f}: "
+        f"{verdict(stow_orthanc, MAX_STOW_OVER_ORTHANC, True)}; STOW-RS in, vs Orthanc's C-STORE)",
         f"  pynetdicom / storescp = {fmt_ratio(report.ratio('pynetdicom', 'storescp'))}  "
         "(reference: pynetdicom acknowledging without storing, the floor under pacs-agent)",
         "  durability: pacs-agent fdatasyncs each file and fsyncs its folder before acknowledging;",

@@ -160,3 +160,25 @@ def test_retry_assembles_a_skipped_study_again_and_names_unknown_keys(tmp_path: 
     nothing = cli("retry", "--all-failed", "--config", str(config))
     assert nothing.returncode == 0 and nothing.stdout.strip() == "no failed studies"
     db.dispose()
+
+
+def test_check_config_and_echo_ask_a_dicomweb_destination_by_qido(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    extra = "".join(
+        f'[[destinations]]\nname = "{name}"\nkind = "dicomweb"\nurl = "{url}"\n'
+        for name, url in (("web", orthanc.dicomweb_url), ("gone", dead))
+    )
+    config = write_config(tmp_path, port=free_port(), extra=extra)
+    result = cli("check-config", "--config", str(config))
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"ok    destination web ({orthanc.dicomweb_url}) QIDO-RS" in lines
+    assert any(
+        line.startswith(f"FAIL  destination gone ({dead}) QIDO-RS") and "connection failed" in line
+        for line in lines
+    ), lines
+    echo = cli("echo", "web", "--config", str(config))
+    assert echo.returncode == 0, echo.stderr
+    assert echo.stdout.strip() == f"QIDO-RS web ({orthanc.dicomweb_url}): success"

@@ -46,7 +46,23 @@ def test_every_settings_key_is_documented_in_the_example() -> None:
         ("[receiver]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'\n", "'receiver.ae_title'"),
         ("[queue]\nbroker_url = 'amqp://x'\n", "'queue.broker_url'"),
         ("[study]\nquiet_seconds = -1\n", "'study.quiet_seconds'"),
-        ("[[destinations]]\nname='a'\nae_title='X'\nhost='h'\n", "'destinations.0.port'"),
+        (
+            "[[destinations]]\nname='a'\nae_title='X'\nhost='h'\n",
+            "'destinations.0': Value error, a dimse destination needs port",
+        ),
+        ("[[destinations]]\nname='w'\nkind='dicomweb'\n", "a dicomweb destination needs url"),
+        (
+            "[[destinations]]\nname='w'\nkind='dicomweb'\nurl='ftp://x'\n",
+            "must start with http:// or https://",
+        ),
+        (
+            "[[destinations]]\nname='w'\nkind='dicomweb'\nurl='https://x'\nhost='h'\n",
+            'host: for kind = "dimse" (use an https:// url)',
+        ),
+        (
+            "[[destinations]]\nname='w'\nkind='dicomweb'\nurl='https://x'\nauth={kind='bearer'}\n",
+            "bearer auth needs token",
+        ),
         ("[[models]]\nname='x'\ndevice='tpu'\n", "'models.0.device'"),
         ("bogus = 1\n", "unknown key 'bogus'"),
         ("[receiver\n", "not valid TOML"),

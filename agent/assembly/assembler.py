@@ -11,10 +11,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 
 from agent.assembly.policy import Clock, is_complete
 from agent.assembly.rules import select
@@ -37,10 +41,33 @@ Enqueue = Callable[[str, Path], None]
 WAITING_FOR_BROKER = "waiting for broker"
 # Set by `pacs-agent retry` on a failed study; the running service sends its job again.
 RETRY_REQUESTED = "retry requested"
+# Set by a pull (`pacs-agent submit`, the poller, the HTTP API) on the study it has retrieved
+# whole: sealed at the next tick, and processed even when its input is unchanged.
+PULLED_FROM = "pulled from"
+# Why a study was sealed, as its `complete` transition records it.
+QUIET_PERIOD = "quiet period"
+COUNTS_MATCHED = "counts matched"
 # Arrivals are written to the database in batches gathered for at most this long; the quiet
 # period is measured from each instance's own arrival time, so batching does not delay it.
 BATCH_SECONDS = 0.5
 BATCH_MAX = 2000
+
+
+class SourceCounts(Protocol):
+    """Asks the archive a sender also stores to how many instances a study has there."""
+
+    def expected(self, study_uid: str, calling_ae_title: str) -> tuple[str, int] | None:
+        """(source name, NumberOfStudyRelatedInstances), or None when no source verifies
+        this sender, the source lacks the study or cannot be asked now. Never raises."""
+
+
+@dataclass
+class _CountCheck:
+    """When a quiet study is next asked about, for its current silence."""
+
+    last_arrival: datetime
+    due_after: float
+    sender: str | None = None
 
 
 class Assembler:
@@ -48,6 +75,12 @@ class Assembler:
 
     The receiver only puts arrivals on an in-memory queue, so a C-STORE never waits on the
     database; the spool scan at start recovers anything acknowledged but not yet recorded.
+    A pull records its own arrivals (as `pacs-agent retry` makes its own transitions) and
+    marks the study "pulled from <source>", which is sealed here at once.
+
+    With `counts`, a study pushed by a sender that a source verifies is sealed as soon as its
+    instance count equals the source's, asked after `verify_after` quiet seconds, then after
+    twice and four times as long and so on: a few questions per silence, never one per tick.
     """
 
     def __init__(
@@ -61,6 +94,8 @@ class Assembler:
         clock: Clock,
         tick_seconds: float | None = None,
         stale_after: float | None = None,
+        counts: SourceCounts | None = None,
+        verify_after: float = 2.0,
     ) -> None:
         self._db = db
         self._layout = layout
@@ -70,6 +105,9 @@ class Assembler:
         self._clock = clock
         self._tick = tick_seconds if tick_seconds is not None else min(1.0, quiet_seconds / 4)
         self._stale_after = stale_after
+        self._counts = counts
+        self._verify_after = verify_after
+        self._checks: dict[str, _CountCheck] = {}
         # When this process last sent each in-flight job again, so it waits `stale_after` anew.
         self._resent: dict[str, datetime] = {}
         # The quiet period counts only while this process listens (see `resume`).
@@ -159,12 +197,63 @@ class Assembler:
 
     def seal_quiet_studies(self) -> None:
         now = self._clock.now()
-        for study in self._db.in_states([State.RECEIVING]):
+        receiving = self._db.in_states([State.RECEIVING])
+        self._checks = {
+            s.study_uid: self._checks[s.study_uid] for s in receiving if s.study_uid in self._checks
+        }
+        for study in receiving:
+            if study.reason.startswith(PULLED_FROM):
+                self._seal(study, study.reason.split(":", 1)[0])
+                continue
             last = _utc(study.last_arrival)
             if self._resumed_at is not None:
                 last = max(last, self._resumed_at)
             if is_complete(last, now, self._quiet):
-                self._seal(study)
+                self._seal(study, QUIET_PERIOD)
+            elif self._counts is not None:
+                matched = self._counts_matched(study, last, now)
+                if matched is not None:
+                    self._seal(study, matched)
+
+    def _counts_matched(self, study: Study, last: datetime, now: datetime) -> str | None:
+        """ "counts matched (...)" when the study's source lists as many instances as we hold."""
+        assert self._counts is not None
+        check = self._checks.get(study.study_uid)
+        if check is None or check.last_arrival != last:
+            sender = check.sender if check is not None else None
+            check = _CountCheck(last, self._verify_after, sender)
+            self._checks[study.study_uid] = check
+        if (now - last).total_seconds() < check.due_after:
+            return None
+        check.due_after *= 2
+        if check.sender is None:
+            check.sender = self._sender(study)
+        if not check.sender:
+            return None
+        with log_context(study=study.study_key):
+            answer = self._counts.expected(study.study_uid, check.sender)
+            if answer is None:
+                return None
+            source, expected = answer
+            if study.instance_count != expected:
+                log.info(
+                    "%d of the %d instances %s holds are here; waiting",
+                    study.instance_count,
+                    expected,
+                    source,
+                )
+                return None
+        return f"{COUNTS_MATCHED} ({study.instance_count} of {expected} at {source})"
+
+    def _sender(self, study: Study) -> str:
+        """The calling AE title the receiver recorded in one of the study's files ("": none)."""
+        for path in self._db.instance_paths(study.id):
+            try:
+                meta = read_file_meta_info(path)
+            except (OSError, InvalidDicomError, ValueError):
+                continue
+            return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        return ""
 
     def retry_waiting(self) -> None:
         for study in self._db.in_states([State.QUEUED]):
@@ -218,16 +307,19 @@ class Assembler:
                 except RetryableError as exc:
                     log.warning("cannot enqueue yet: %s", exc)
 
-    def _seal(self, study: Study) -> None:
+    def _seal(self, study: Study, why: str = "") -> None:
         with log_context(study=study.study_key):
             paths = [p for p in self._db.instance_paths(study.id) if p.exists()]
             if study.state == State.RECEIVING:
+                count = f"{len(paths)} instances"
                 self._db.transition(
                     study.study_uid,
                     State.COMPLETE,
-                    f"{len(paths)} instances",
+                    f"{why}; {count}" if why else count,
                     expect_state=[State.RECEIVING],
                 )
+                if why:
+                    log.info("study sealed: %s", why)
             headers = _readable_headers(paths)
             choices = select(headers, self._models)
             inputs = tuple(c.input for c in choices if c.input is not None)
@@ -240,7 +332,9 @@ class Assembler:
                 if choice.input is None:
                     log.info("model not run: %s", choice.reason)
             digest = input_digest(inputs, headers)
-            if digest == study.done_digest:
+            # A pull is a request to process: it runs again even with the same input (the
+            # same output UIDs, so the PACS keeps one copy of each object).
+            if digest == study.done_digest and not why.startswith(PULLED_FROM):
                 # Late arrivals outside every model's input (an SR, a re-sent instance):
                 # the results already sent stand, and nothing new is produced.
                 self._db.transition(

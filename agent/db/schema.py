@@ -136,6 +136,33 @@ class DestinationHealth(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
+class SourceWatch(Base):
+    """A source the poller watches, since when (its first search set the baseline)."""
+
+    __tablename__ = "source_watch"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class SourceStudy(Base):
+    """A study a source's poller has found: pulled, known already, or failed and due again."""
+
+    __tablename__ = "source_study"
+    __table_args__ = (UniqueConstraint("source", "study_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    # pulled, baseline (there before watching began), known (received otherwise), failed.
+    outcome: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A failed pull is tried again from then on.
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 def create_schema(engine: Engine) -> None:
     """Create missing tables; safe when serve and workers start at the same moment.
 

@@ -44,10 +44,10 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
             ctx = client_context(destination.tls)
         except ConfigError as exc:
             raise ConfigError(f"destination {destination.name}: TLS: {exc}") from exc
-        tls_args = (ctx, destination.tls.server_name or destination.host)
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
-    )
+    host, port, ae_title = _address(destination)
+    if ctx is not None and destination.tls is not None:
+        tls_args = (ctx, destination.tls.server_name or host)
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if assoc.is_established:
         return assoc
     close_connection(assoc)
@@ -61,6 +61,14 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
             f"source {rj.result_source}, reason {rj.diagnostic})"
         )
     raise RetryableError(f"destination {destination.name}: association refused or failed")
+
+
+def _address(destination: DestinationSettings) -> tuple[str, int, str]:
+    """Host, port and AE title of a dimse destination (the settings require all three)."""
+    host, port, ae_title = destination.host, destination.port, destination.ae_title
+    if host is None or port is None or ae_title is None:
+        raise ConfigError(f"destination {destination.name} is not a DICOM (dimse) peer")
+    return host, port, ae_title
 
 
 def echo(destination: DestinationSettings, calling_ae: str) -> None:

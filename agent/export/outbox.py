@@ -1,4 +1,5 @@
-"""The export outbox: a job's encoded objects, delivered to each destination on its own terms.
+"""The export outbox: a job's encoded objects, delivered to each destination on its own terms
+(C-STORE or STOW-RS).
 
 The objects are in the job's outbox folder (written before any send, named by SOP Instance
 UID). Per destination, what it has stored is recorded instance by instance, so a new attempt
@@ -23,7 +24,7 @@ from agent import audit
 from agent.db.database import utcnow
 from agent.db.deliveries import Deliveries, DeliveryView, ObjectStatus
 from agent.errors import RetryableError
-from agent.export import dimse
+from agent.export import dimse, stow
 from agent.settings import DestinationSettings
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,17 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
+def send_by_kind(
+    dest: DestinationSettings,
+    calling_ae: str,
+    files: Sequence[Path],
+    record: Callable[[ObjectStatus], None],
+) -> None:
+    """C-STORE to a dimse destination, STOW-RS to a dicomweb one."""
+    sender = stow.send if dest.kind == "dicomweb" else dimse.send
+    sender(dest, calling_ae, files, record)
+
+
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """The wait after the `attempt`-th failure (1-based): base * 2^(n-1), capped, with jitter.
 
@@ -74,13 +86,13 @@ class Outbox:
         deliveries: Deliveries,
         calling_ae: str,
         *,
-        send: Send = dimse.send,
+        send: Send | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._deliveries = deliveries
         self._calling_ae = calling_ae
-        self._send = send
+        self._send = send or send_by_kind
         self._rng = rng or random.Random()
         self._clock = clock
 
@@ -139,7 +151,15 @@ class Outbox:
             self._send(dest, self._calling_ae, todo, record)
         except RetryableError as exc:
             _audit(dest, study, todo, answers)
-            self._failed(job_id, dest, str(exc), deadline, report)
+            retry_after = exc.retry_after if isinstance(exc, stow.RetryLater) else None
+            self._failed(job_id, dest, str(exc), deadline, report, retry_after)
+            return
+        except stow.DestinationRefused as exc:
+            # It answered, and said no in a way that trying again cannot change (401, 413, ...).
+            _audit(dest, study, todo, answers)
+            self._deliveries.attempted(job_id, name, str(exc))
+            self._deliveries.succeeded(name)
+            report.gave_up.append(f"export to {name}: {exc}")
             return
         _audit(dest, study, todo, answers)
         refused = [a for a in answers if not a.stored]
@@ -172,7 +192,13 @@ class Outbox:
         report.gave_up.append(f"export to {name}: {why}")
 
     def _failed(
-        self, job_id: str, dest: DestinationSettings, error: str, deadline: datetime, report: Report
+        self,
+        job_id: str,
+        dest: DestinationSettings,
+        error: str,
+        deadline: datetime,
+        report: Report,
+        retry_after: float | None = None,
     ) -> None:
         name = dest.name
         attempts = self._deliveries.attempted(job_id, name, error)
@@ -194,6 +220,8 @@ class Outbox:
         wait = backoff(
             attempts, dest.retry_backoff_seconds, dest.retry_backoff_max_seconds, self._rng
         )
+        if retry_after is not None:  # the server said when (HTTP 429 or 503 Retry-After)
+            wait = max(wait, retry_after)
         # The last attempt is made at the ceiling, not after it.
         wait = min(wait, max(1.0, (deadline - now).total_seconds()))
         if failures >= dest.breaker_failures:
@@ -209,7 +237,7 @@ def _audit(
         study,
         len(sent),
         Counter(a.status for a in answers),
-        peer=audit.Peer(dest.ae_title, dest.host, dest.port),
+        peer=audit.Peer(dest.ae_title, dest.host or dest.url, dest.port),
         objects=[object_name(a.sop_class_uid) for a in answers],
     )
 

@@ -22,7 +22,7 @@ from agent.dicom.uids import is_valid_uid
 from agent.logs import log_context, study_key
 from agent.receive.auditing import record_rejection
 from agent.receive.filemeta import encode_file_meta
-from agent.receive.identify import Unreadable, identify
+from agent.receive.identify import Unreadable, identify, missing_uids
 from agent.receive.reads import CappedDataset, bound_datasets, bound_reads
 from agent.settings import AllowedCaller, IpNetwork
 from agent.spool.layout import SpoolLayout
@@ -107,15 +107,7 @@ class StoreHandler:
             log.warning("rejected an instance: %s", exc)
             return _status(CANNOT_UNDERSTAND, str(exc)), None
         study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
-        missing = [
-            name
-            for name, value in (
-                ("SOPInstanceUID", ids.sop_uid),
-                ("StudyInstanceUID", ids.study_uid),
-                ("SeriesInstanceUID", ids.series_uid),
-            )
-            if not is_valid_uid(value)
-        ]
+        missing = missing_uids(ids)
         if missing:
             log.warning("rejected an instance: missing or invalid %s", ", ".join(missing))
             return _status(MISSING_UIDS, "missing or invalid " + ", ".join(missing)), study_uid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -12,9 +13,11 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from agent.dicom.files import DICOM_ERRORS
+from agent.dicom.uids import is_valid_uid
 from agent.errors import PermanentError
 
 _LAST_TAG_NEEDED = 0x0020000E  # Series Instance UID; everything we need sorts before it
+_INFLATED_HEAD = 256 * 1024  # of a deflated dataset, enough for the elements before the pixels
 
 
 class Unreadable(PermanentError):
@@ -53,16 +56,50 @@ _PARSE_ERRORS: tuple[type[Exception], ...] = (*DICOM_ERRORS, UserWarning)
 
 def identify(raw: bytes, transfer_syntax: UID) -> Identifiers:
     """Parse SOP Class/Instance, Study and Series UIDs; missing ones come back empty."""
-    data = raw
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # PS3.5 A.5: the whole dataset is a raw deflate stream; only its head is needed.
         try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, 256 * 1024)
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, _INFLATED_HEAD)
         except zlib.error as exc:
             raise Unreadable(f"deflate stream is corrupt: {exc}") from exc
+    return _parse(BytesIO(raw), transfer_syntax)
+
+
+def identify_file(fp: BinaryIO, transfer_syntax: UID) -> Identifiers:
+    """As `identify`, for a dataset read from `fp` on from its position (a spooled file):
+    only the elements before the pixels are read, and no more than the head of a deflated one."""
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return _parse(fp, transfer_syntax)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    try:
+        while len(head) < _INFLATED_HEAD and not inflate.eof:
+            chunk = inflate.unconsumed_tail or fp.read(64 * 1024)
+            if not chunk:
+                break
+            head += inflate.decompress(chunk, _INFLATED_HEAD - len(head))
+    except zlib.error as exc:
+        raise Unreadable(f"deflate stream is corrupt: {exc}") from exc
+    return _parse(BytesIO(bytes(head)), transfer_syntax)
+
+
+def missing_uids(ids: Identifiers) -> list[str]:
+    """The identifying UIDs that are absent or malformed, by name (C-STORE status 0xC001)."""
+    return [
+        name
+        for name, value in (
+            ("SOPInstanceUID", ids.sop_uid),
+            ("StudyInstanceUID", ids.study_uid),
+            ("SeriesInstanceUID", ids.series_uid),
+        )
+        if not is_valid_uid(value)
+    ]
+
+
+def _parse(fp: BinaryIO, transfer_syntax: UID) -> Identifiers:
     try:
         ds = read_dataset(
-            BytesIO(data),
+            fp,
             is_implicit_VR=transfer_syntax.is_implicit_VR,
             is_little_endian=transfer_syntax.is_little_endian,
             stop_when=_stop,

@@ -62,3 +62,14 @@ def write_atomic(target: Path, chunks: Sequence[bytes], tmp_dir: Path) -> int:
         raise
     _fsync_dir(target.parent)
     return size
+
+
+def move_atomic(source: Path, target: Path) -> None:
+    """Give a file already made durable by its writer (fdatasync) its final name, durably.
+
+    For an instance that arrived in pieces (a STOW-RS part streamed to `source` in the spool's
+    tmp folder, on the same filesystem): the rename and its folder are synced before return.
+    """
+    ensure_dir(target.parent)
+    os.replace(source, target)
+    _fsync_dir(target.parent)

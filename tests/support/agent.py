@@ -31,7 +31,11 @@ def write_config(
     destinations: list[tuple[str, str, int]] = (),  # type: ignore[assignment]
     extra: str = "",
 ) -> Path:
-    """A TOML config for a test agent on 127.0.0.1; destinations are (ae_title, host, port)."""
+    """A TOML config for a test agent on 127.0.0.1; destinations are (ae_title, host, port).
+
+    Unless `extra` has a [web] table, the web port takes any free port on 127.0.0.1, so that
+    agents (and test runs) never collide on the default port.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         "[receiver]",
@@ -52,6 +56,8 @@ def write_config(
         "[logging]",
         'level = "INFO"',
     ]
+    if "[web]" not in extra.splitlines():
+        lines += ["[web]", 'host = "127.0.0.1"', "port = 0"]
     for index, (aet, host, dport) in enumerate(destinations):
         lines += [
             "[[destinations]]",

@@ -6,6 +6,7 @@ from `tests.support.ports`; startup checks that its HTTP and DICOM ports are on 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -211,7 +212,14 @@ class Orthanc(ManagedProcess):
     ) -> bytes:
         """Send one HTTP request to Orthanc and return the response body (raises HTTPError)."""
         url = path if path.startswith("http") else f"{self.http_url}{path}"
-        request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+        sent = dict(headers or {})
+        users = self._extra_config.get("RegisteredUsers")
+        if self._extra_config.get("AuthenticationEnabled") and users:
+            # With authentication on, the fixture itself speaks as the first registered user.
+            user, password = next(iter(dict(users).items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            sent.setdefault("Authorization", f"Basic {token}")
+        request = urllib.request.Request(url, data=body, method=method, headers=sent)
         with _OPENER.open(request, timeout=timeout) as response:
             data: bytes = response.read()
             return data

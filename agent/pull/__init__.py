@@ -1,0 +1,1 @@
+"""Studies fetched from an archive: WADO-RS pulls, the QIDO-RS poller, completeness by count."""

@@ -1,0 +1,495 @@
+"""STOW-RS ingest (PS3.18 10.5): multipart/related application/dicom, streamed into the spool.
+
+The promise is C-STORE's: a success is answered only once the instance is on disk, it lies
+where a C-STORE would have put it, and the assembler is told of it the same way. Each part is
+streamed to a temp file as it arrives (never held in memory), checked as the C-STORE handler
+checks a dataset, and synced; only when the whole body has been read and found well formed are
+the good ones renamed into place and announced. A body that breaks off or is malformed stores
+nothing (400), so a sender that retries it never leaves half a request behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from agent import audit
+from agent.db.values import ArrivedInstance
+from agent.dicom.uids import is_valid_uid
+from agent.logs import log_context, study_key
+from agent.receive.filemeta import read_file_meta
+from agent.receive.handlers import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH_SOP_CLASS,
+    MISSING_UIDS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    ArrivalSink,
+)
+from agent.receive.identify import Identifiers, Unreadable, identify_file, missing_uids
+from agent.spool.layout import SpoolLayout
+from agent.spool.watermark import Watermark
+from agent.spool.writer import move_atomic
+from agent.web.body import drain
+from agent.web.multipart import (
+    MediaType,
+    MultipartError,
+    MultipartReader,
+    PartData,
+    PartEnd,
+    PartStart,
+    boundary_of,
+)
+
+log = logging.getLogger(__name__)
+
+# PS3.18 I.2.2 Failure Reason values beyond the C-STORE statuses shared above.
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+DICOM_JSON = "application/dicom+json"
+RETRY_AFTER_SECONDS = 60  # while the spool is low: retention frees space on its own schedule
+_HEAD_BYTES = 1024 * 1024  # kept of a part that is refused anyway, to name it in the answer
+_CHECKS_IN_FLIGHT = 4  # parts checked and synced in threads while the next ones arrive
+
+
+@dataclass(frozen=True)
+class StowPolicy:
+    """What the STOW-RS door accepts: the receiver's SOP classes, transfer syntaxes and limits."""
+
+    sop_classes: frozenset[str]
+    transfer_syntaxes: frozenset[str]
+    max_instance_bytes: int | None = None
+    max_request_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """One part's outcome: SUCCESS or a PS3.18 I.2.2 failure reason, and what it was."""
+
+    status: int
+    sop_class_uid: str = ""
+    sop_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    reason: str = ""
+    spooled: Path | None = None  # the synced temp file of an instance to be stored
+
+    @property
+    def stored(self) -> bool:
+        return self.status == SUCCESS
+
+
+@dataclass
+class _Part:
+    """A part being written to its temp file."""
+
+    path: Path
+    fd: int | None
+    refusal: tuple[int, str] | None = None
+    size: int = 0
+    kept: int = 0
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+@dataclass
+class _Body:
+    """The request body as chunks, remembering whether it was read to its end."""
+
+    request: Request
+    ended: bool = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while not self.ended:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            self.ended = not message.get("more_body", False)
+            body = message.get("body", b"")
+            if body:
+                yield body
+
+    async def drain(self) -> None:
+        if not self.ended:
+            await drain(self.request.receive)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class StowService:
+    """POST /dicom-web/studies and /dicom-web/studies/{study}: store instances (PS3.18 10.5)."""
+
+    def __init__(
+        self,
+        layout: SpoolLayout,
+        sink: ArrivalSink,
+        policy: StowPolicy,
+        *,
+        watermark: Watermark | None = None,
+    ) -> None:
+        self._layout = layout
+        self._sink = sink
+        self._policy = policy
+        self._watermark = watermark
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/dicom-web/studies", self.store, methods=["POST"]),
+            Route("/dicom-web/studies/{study}", self.store, methods=["POST"]),
+        ]
+
+    async def store(self, request: Request) -> Response:
+        body = _Body(request)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            await body.drain()
+            return refusal
+        boundary = boundary_of(MediaType.parse(request.headers["content-type"]))
+        study = request.path_params.get("study")
+        upload = _Upload(self, study)
+        try:
+            results = await upload.receive(body, boundary)
+        except MultipartError as exc:
+            await body.drain()
+            status, response = 400, _error(400, f"malformed multipart body: {exc}")
+        except _RequestTooLarge:
+            limit = self._policy.max_request_bytes
+            status, response = 413, _error(413, f"request body over the {limit}-byte limit")
+        except ClientDisconnect:
+            log.info("STOW-RS: client left before the end of its request; nothing stored")
+            status, response = 400, _error(400, "client disconnected")
+        except OSError as exc:  # the tmp folder cannot take another part file
+            log.error("STOW-RS: spool write failed: %s; nothing stored", exc.strerror)
+            await body.drain()
+            status, response = 503, _error(503, f"spool write failed: {exc.strerror}")
+        else:
+            results = await run_in_threadpool(self._commit, results)
+            status, response = self._answer(results)
+            upload.results = results
+        finally:
+            await upload.discard()
+        self._audit(request, upload.results, status)
+        return response
+
+    def _refusal(self, request: Request) -> Response | None:
+        """The answer to a request refused before its body is read, else None."""
+        media = MediaType.parse(request.headers.get("content-type", ""))
+        if media.type != "multipart/related" or (
+            media.params.get("type", "application/dicom").lower() != "application/dicom"
+        ):
+            # PS3.18 10.5.1.1: the payload of this door is multipart/related application/dicom;
+            # the metadata-and-bulk-data form (application/dicom+json parts) is not taken.
+            return _error(415, 'expected multipart/related; type="application/dicom"')
+        try:
+            boundary_of(media)
+        except MultipartError as exc:
+            return _error(400, str(exc))
+        study = request.path_params.get("study")
+        if study is not None and not is_valid_uid(study):
+            return _error(400, "the path does not name a Study Instance UID")
+        if self._watermark is not None:
+            level = self._watermark.check()
+            if level.low:
+                headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+                return _error(503, f"spool low: {level.reason}", headers)
+        limit = self._policy.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if limit is not None and declared.isdigit() and int(declared) > limit:
+            return _error(413, f"request body over the {limit}-byte limit")
+        return None
+
+    # -- one part, in a worker thread --------------------------------------------------------
+
+    def check(self, part: _Part, study: str | None) -> Result:
+        """Close a received part's file and decide, as the C-STORE handler would."""
+        try:
+            return self._check(part, study)
+        except Exception:  # the boundary for one part: the others are answered all the same
+            log.exception("unexpected error checking an uploaded instance")
+            return Result(PROCESSING_FAILURE, reason="internal error, instance not stored")
+
+    def _check(self, part: _Part, study: str | None) -> Result:
+        fd, part.fd = part.fd, None
+        if fd is not None:
+            os.close(fd)
+        with part.path.open("rb") as fp:
+            try:
+                meta = read_file_meta(fp)
+            except Unreadable as exc:
+                return self._refused(part, Result(CANNOT_UNDERSTAND, reason=str(exc)))
+            named = Result(
+                CANNOT_UNDERSTAND, sop_class_uid=meta.sop_class_uid, sop_uid=meta.sop_uid
+            )
+            syntax = meta.transfer_syntax_uid
+            if not syntax:
+                reason = "no transfer syntax in the file meta information"
+                return self._refused(part, _with(named, CANNOT_UNDERSTAND, reason))
+            if syntax not in self._policy.transfer_syntaxes:
+                reason = f"transfer syntax {syntax[:64]} is not supported"
+                return self._refused(part, _with(named, TRANSFER_SYNTAX_NOT_SUPPORTED, reason))
+            try:
+                ids = identify_file(fp, UID(syntax))
+            except Unreadable as exc:
+                return self._refused(part, _with(named, CANNOT_UNDERSTAND, str(exc)))
+        found = _named(ids)
+        if part.refusal is not None:  # the spool was low, or the part over the size limit
+            return self._refused(part, _with(found, *part.refusal))
+        missing = missing_uids(ids)
+        if missing:
+            reason = "missing or invalid " + ", ".join(missing)
+            return self._refused(part, _with(found, MISSING_UIDS, reason))
+        # PS3.10 7.1: the meta group names the SOP Class and Instance of the dataset it heads,
+        # as a C-STORE request does (PS3.4 B.2.3); where it names them, they must match.
+        if meta.sop_class_uid not in ("", ids.sop_class_uid) or meta.sop_uid not in (
+            "",
+            ids.sop_uid,
+        ):
+            reason = "SOP Class or Instance UID differs from the file meta information"
+            return self._refused(part, _with(found, DOES_NOT_MATCH_SOP_CLASS, reason))
+        if ids.sop_class_uid not in self._policy.sop_classes:
+            reason = "not a storage SOP class this receiver accepts"
+            return self._refused(part, _with(found, SOP_CLASS_NOT_SUPPORTED, reason))
+        if study is not None and ids.study_uid != study:
+            # PS3.18 10.5.1: a request to /studies/{study} stores only that study's instances.
+            reason = "instance of another study than the request's"
+            return self._refused(part, _with(found, DOES_NOT_MATCH_SOP_CLASS, reason))
+        try:
+            with part.path.open("rb+") as fp:
+                os.fdatasync(fp.fileno())
+        except OSError as exc:
+            reason = f"spool write failed: {exc.strerror}"
+            return self._refused(part, _with(found, OUT_OF_RESOURCES, reason))
+        return Result(
+            SUCCESS,
+            ids.sop_class_uid,
+            ids.sop_uid,
+            ids.study_uid,
+            ids.series_uid,
+            spooled=part.path,
+        )
+
+    @staticmethod
+    def _refused(part: _Part, result: Result) -> Result:
+        fields = {"study": study_key(result.study_uid)} if is_valid_uid(result.study_uid) else {}
+        with log_context(**fields):
+            log.warning("rejected an uploaded instance: %s", result.reason)
+        part.path.unlink(missing_ok=True)
+        return result
+
+    # -- the whole request -------------------------------------------------------------------
+
+    def _commit(self, results: list[Result]) -> list[Result]:
+        """Rename every checked instance into place and announce it (a worker thread)."""
+        return [self._commit_one(result) for result in results]
+
+    def _commit_one(self, result: Result) -> Result:
+        if not result.stored or result.spooled is None:
+            return result
+        path = self._layout.instance_path(result.study_uid, result.series_uid, result.sop_uid)
+        with log_context(study=study_key(result.study_uid)):
+            try:
+                move_atomic(result.spooled, path)
+            except OSError as exc:
+                log.error("spool write failed: %s", exc.strerror)
+                return _with(result, OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
+            try:
+                self._sink(
+                    ArrivedInstance(
+                        study_uid=result.study_uid,
+                        series_uid=result.series_uid,
+                        sop_uid=result.sop_uid,
+                        sop_class_uid=result.sop_class_uid,
+                        path=path,
+                        received_at=datetime.now(UTC),
+                    )
+                )
+            except Exception:  # as the C-STORE handler: stored, but not acknowledged
+                log.exception("unexpected error announcing an uploaded instance")
+                return _with(result, PROCESSING_FAILURE, "internal error")
+        return Result(
+            SUCCESS, result.sop_class_uid, result.sop_uid, result.study_uid, result.series_uid
+        )
+
+    @staticmethod
+    def _answer(results: list[Result]) -> tuple[int, Response]:
+        """PS3.18 10.5.3: 200 all stored, 202 some, 409 none; the body per Annex I."""
+        if not results:
+            return 400, _error(400, "the request holds no instance")
+        stored = sum(result.stored for result in results)
+        status = 200 if stored == len(results) else 202 if stored else 409
+        return status, JSONResponse(response_body(results), status, media_type=DICOM_JSON)
+
+    def _audit(self, request: Request, results: list[Result], status: int) -> None:
+        tallies: dict[str | None, list[int]] = {}
+        for result in results:
+            key = study_key(result.study_uid) if is_valid_uid(result.study_uid) else None
+            tally = tallies.setdefault(key, [0, 0])
+            tally[0 if result.stored else 1] += 1
+        stored = sum(t[0] for t in tallies.values())
+        refused = sum(t[1] for t in tallies.values())
+        client = request.client
+        log.info(
+            "STOW-RS from %s: %d stored, %d refused (HTTP %d)",
+            client.host if client else "?",
+            stored,
+            refused,
+            status,
+        )
+        server = request.scope.get("server") or (None, None)
+        principal = request.scope.get("principal")
+        audit.instances_received(
+            source=audit.Peer(address=client.host, port=client.port) if client else audit.Peer(),
+            destination=audit.Peer(address=server[0], port=server[1]),
+            studies=[audit.StudyCount(k, s, r) for k, (s, r) in tallies.items()],
+            ended=f"HTTP {status}",
+            user=getattr(principal, "name", None),
+        )
+
+
+def _named(ids: Identifiers) -> Result:
+    return Result(
+        CANNOT_UNDERSTAND,
+        sop_class_uid=ids.sop_class_uid,
+        sop_uid=ids.sop_uid,
+        study_uid=ids.study_uid,
+        series_uid=ids.series_uid,
+    )
+
+
+def _with(result: Result, status: int, reason: str) -> Result:
+    return Result(
+        status,
+        result.sop_class_uid,
+        result.sop_uid,
+        result.study_uid,
+        result.series_uid,
+        reason,
+    )
+
+
+@dataclass
+class _Upload:
+    """One request's parts: streamed to temp files, checked in threads as each one ends."""
+
+    service: StowService
+    study: str | None
+    parts: list[_Part] = field(default_factory=list)
+    checks: list[asyncio.Future[Result]] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+
+    async def receive(self, body: _Body, boundary: bytes) -> list[Result]:
+        reader = MultipartReader(boundary)
+        policy = self.service._policy
+        received = 0
+        async for chunk in body.chunks():
+            received += len(chunk)
+            if policy.max_request_bytes is not None and received > policy.max_request_bytes:
+                raise _RequestTooLarge()
+            for event in reader.feed(chunk):
+                if isinstance(event, PartData):
+                    self._write(event.data)
+                elif isinstance(event, PartStart):
+                    self._begin()
+                elif isinstance(event, PartEnd):
+                    await self._end()
+        reader.close()
+        return [await check for check in self.checks]
+
+    def _begin(self) -> None:
+        path = self.service._layout.tmp / f"stow-{uuid.uuid4().hex}.part"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        part = _Part(path, fd)
+        watermark = self.service._watermark
+        if watermark is not None:
+            level = watermark.check()
+            if level.low:
+                part.refusal = (OUT_OF_RESOURCES, level.reason)
+        self.parts.append(part)
+
+    def _write(self, data: bytes) -> None:
+        part = self.parts[-1]
+        part.size += len(data)
+        limit = self.service._policy.max_instance_bytes
+        if part.refusal is None and limit is not None and part.size > limit:
+            log.warning("refused an uploaded instance over the limit of %d bytes", limit)
+            part.refusal = (OUT_OF_RESOURCES, f"instance over the {limit}-byte limit")
+        # Past the limit, or once refused, only the head is kept: enough to name the instance.
+        room = (_HEAD_BYTES if part.refusal is not None else part.size) - part.kept
+        view = memoryview(data)[: max(room, 0)]
+        try:
+            while view and part.fd is not None:
+                written = os.write(part.fd, view)
+                view = view[written:]
+                part.kept += written
+        except OSError as exc:
+            if part.refusal is None:
+                log.error("spool write failed: %s", exc.strerror)
+                part.refusal = (OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
+
+    async def _end(self) -> None:
+        part = self.parts[-1]
+        self.checks.append(
+            asyncio.ensure_future(run_in_threadpool(self.service.check, part, self.study))
+        )
+        # The next part is read while this one is checked and synced; a few at most.
+        unfinished = [check for check in self.checks if not check.done()]
+        if len(unfinished) >= _CHECKS_IN_FLIGHT:
+            await unfinished[0]
+
+    async def discard(self) -> None:
+        """Remove what is left in tmp: the parts of a failed request, or refused ones."""
+        if self.checks:
+            await asyncio.gather(*self.checks, return_exceptions=True)
+        for part in self.parts:
+            if part.fd is not None:
+                os.close(part.fd)
+                part.fd = None
+            part.path.unlink(missing_ok=True)
+
+
+def _ui(value: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+def response_body(results: Iterable[Result]) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Annex I) in the DICOM JSON model (F.2).
+
+    No Retrieve URL is given (Type 2, so present and empty): this agent keeps instances only
+    until they are processed and offers no WADO-RS.
+    """
+    failed: list[dict[str, Any]] = []
+    stored: list[dict[str, Any]] = []
+    for result in results:
+        item = {
+            "00081150": _ui(result.sop_class_uid),
+            "00081155": _ui(result.sop_uid),
+        }
+        if result.stored:
+            stored.append({**item, "00081190": {"vr": "UR"}})
+        else:
+            failed.append({**item, "00081197": {"vr": "US", "Value": [result.status]}})
+    body: dict[str, Any] = {"00081190": {"vr": "UR"}}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": stored}
+    return body

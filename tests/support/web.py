@@ -1,0 +1,114 @@
+"""The agent's web port in this process on a loopback port, and STOW-RS request bodies."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import requests
+from pydicom.dataset import Dataset
+
+from agent.db.database import Database
+from agent.db.values import ArrivedInstance
+from agent.settings import SecretRef, Settings, SpoolSettings, WebSettings
+from agent.spool.layout import SpoolLayout
+from agent.spool.watermark import Watermark
+from agent.web.app import WebServices
+from agent.web.server import WebServer, start_web
+
+TOKEN = "s3cret-token-for-tests"
+CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def secret_file(folder: Path, name: str, value: str) -> SecretRef:
+    """A SecretRef to a file holding `value`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(value + "\n")
+    return SecretRef(file=path)
+
+
+def web_settings(folder: Path, **fields: Any) -> WebSettings:
+    """[web] on 127.0.0.1, a port the system picks, the test token accepted; `fields` on top."""
+    defaults: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "tokens": (secret_file(folder / "secrets", "token", TOKEN),),
+    }
+    return WebSettings(**{**defaults, **fields})
+
+
+class WebAgent:
+    """A started web port spooling under `root`, with what it spooled and announced.
+
+    As a context manager it stops the server on exit.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        web: WebSettings,
+        watermark: Watermark | None = None,
+        **settings: Any,
+    ) -> None:
+        self.settings = Settings(spool=SpoolSettings(path=root / "spool"), web=web, **settings)
+        self.layout = SpoolLayout(self.settings.spool.path)
+        self.layout.create()
+        self.db = Database(f"sqlite:///{root / 'agent.db'}")
+        self.db.create_schema()
+        self.arrivals: list[ArrivedInstance] = []
+        services = WebServices(self.settings, self.layout, self.db, self.arrivals.append, watermark)
+        self.server: WebServer = start_web(services)
+        self.url = self.server.url
+
+    def spooled(self) -> list[Path]:
+        return sorted(self.layout.studies.glob("*/*/*.dcm"))
+
+    def leftovers(self) -> list[Path]:
+        """Files left in the spool's tmp folder."""
+        return sorted(self.layout.tmp.iterdir())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.stop()
+        self.db.dispose()
+
+
+def session(token: str | None = TOKEN, verify: bool | str = True) -> requests.Session:
+    """A requests session that never uses a proxy, with a bearer token unless None."""
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = verify
+    if token is not None:
+        s.headers["Authorization"] = f"Bearer {token}"
+    return s
+
+
+def part10(ds: Dataset) -> bytes:
+    """A dataset as a DICOM Part 10 file's bytes."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def multipart(parts: Iterable[bytes], boundary: str) -> bytes:
+    """A multipart/related body of application/dicom parts."""
+    return b"".join(multipart_chunks(([p] for p in parts), boundary))
+
+
+def multipart_chunks(parts: Iterable[Iterable[bytes]], boundary: str) -> Iterator[bytes]:
+    """A multipart/related body as chunks, each part given as its own chunks."""
+    for chunks in parts:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def new_boundary() -> str:
+    return uuid.uuid4().hex
