@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,11 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
         tls_args = (ctx, destination.tls.server_name or host)
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if assoc.is_established:
+        sock = assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            # Each C-STORE request waits for its response: without this, Nagle's algorithm and
+            # the peer's delayed ACK add ~40 ms to every instance (10 s for a 300-slice study).
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return assoc
     close_connection(assoc)
     if ctx is not None and ctx.failure is not None:
