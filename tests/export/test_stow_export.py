@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
 from agent.db.database import Database
-from agent.db.deliveries import Deliveries
+from agent.db.deliveries import Deliveries, ObjectStatus
 from agent.dicomweb.client import http_failure
 from agent.export import stow
 from agent.export.outbox import Outbox
@@ -153,19 +153,42 @@ def _basic(user: str, password: str) -> requests.Session:
 
 
 def test_a_pacs_stopped_mid_export_is_retried_and_holds_one_copy(
-    orthanc: Orthanc, deliveries: Deliveries, tmp_path: Path
+    deliveries: Deliveries, tmp_path: Path
 ) -> None:
     files = _outbox_files(tmp_path)
-    dest = _destination(orthanc.dicomweb_url, breaker_failures=10)
-    outbox = Outbox(deliveries, "PACS_AGENT", rng=random.Random(1))
-    orthanc.stop()
-    down = outbox.deliver("job", files, [dest])
-    assert [w.reason for w in down.waiting] == ["destination web: STOW-RS: connection failed"]
-    orthanc.start()
-    assert outbox.deliver("job", files, [dest]).delivered == ["web"]
-    # A redelivered task sends nothing again; the PACS holds each object once.
-    assert outbox.deliver("job", files, [dest]).delivered == ["web"]
-    assert orthanc.instance_count() == 2
+    # Orthanc keeps its storage across the restart; one instance per request, so that it can
+    # stop between the SEG and the SR.
+    pacs = Orthanc(tmp_path / "orthanc")
+    if not pacs.dicomweb_enabled:
+        unavailable("Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)")
+    dest = _destination(pacs.dicomweb_url, breaker_failures=10, stow_max_instances=1)
+    sent: list[list[str]] = []
+
+    def send_then_stop(
+        d: DestinationSettings,
+        ae: str,
+        paths: Sequence[Path],
+        record: Callable[[ObjectStatus], None],
+    ) -> None:
+        sent.append([p.stem for p in paths])
+
+        def recorded(outcome: ObjectStatus) -> None:
+            record(outcome)
+            if len(sent) == 1:
+                pacs.stop()  # the PACS goes down with the first object stored
+
+        stow.send(d, ae, paths, recorded)
+
+    outbox = Outbox(deliveries, "PACS_AGENT", send=send_then_stop, rng=random.Random(1))
+    with pacs:
+        down = outbox.deliver("job", files, [dest])
+        assert [w.reason for w in down.waiting] == ["destination web: STOW-RS: connection failed"]
+        pacs.start()
+        assert outbox.deliver("job", files, [dest]).delivered == ["web"]
+        # A redelivered task sends nothing again; the PACS holds each object once.
+        assert outbox.deliver("job", files, [dest]).delivered == ["web"]
+        assert sent == [[f.stem for f in files], [files[1].stem]]
+        assert pacs.instance_count() == 2
 
 
 def _http_error(code: int, body: str = "", **headers: str) -> requests.HTTPError:
