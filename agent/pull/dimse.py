@@ -35,6 +35,7 @@ from agent.receive.handlers import (
     UNEXPECTED,
 )
 from agent.receive.identify import Unreadable, identify, missing_uids
+from agent.receive.reads import CappedDataset, bound_datasets
 from agent.receive.scp import TRANSFER_SYNTAXES
 from agent.settings import SourcePoll, SourceSettings
 from agent.tls import ClientContext, client_context
@@ -114,7 +115,12 @@ class DimseSource:
     """A DICOM archive reached by association; each call makes (and releases) its own."""
 
     def __init__(
-        self, settings: SourceSettings, calling_ae: str, *, timeout: float | None = None
+        self,
+        settings: SourceSettings,
+        calling_ae: str,
+        *,
+        timeout: float | None = None,
+        max_instance_bytes: int | None = None,
     ) -> None:
         host, port, ae_title = settings.host, settings.port, settings.ae_title
         if host is None or port is None or ae_title is None:
@@ -122,6 +128,8 @@ class DimseSource:
         self.settings = settings
         self._address = (host, port, ae_title)
         self._calling_ae = calling_ae
+        # A retrieved instance past this is read and dropped, not held, and refused (0xA700).
+        self._max_bytes = max_instance_bytes
         # The count check runs on the assembler's thread: it must not wait a minute for a reply.
         self._timeout = settings.timeout_seconds
         if timeout is not None:
@@ -176,6 +184,8 @@ class DimseSource:
         roles = [build_role(sop_class, scp_role=True) for sop_class in STORAGE_CLASSES]
         received = _Received()
         assoc = self._associate(ae, what, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, received)])
+        if self._max_bytes is not None:
+            bound_datasets(assoc, max_bytes=self._max_bytes)
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
@@ -295,6 +305,13 @@ class _Received:
         request = cast(C_STORE, event.request)
         if not isinstance(request.DataSet, BytesIO):
             return CANNOT_UNDERSTAND
+        if isinstance(request.DataSet, CappedDataset) and request.DataSet.overflowed:
+            log.warning(
+                "refused a retrieved instance of %d bytes: the limit is %d bytes",
+                request.DataSet.received,
+                request.DataSet.limit,
+            )
+            return OUT_OF_RESOURCES
         raw = request.DataSet.getvalue()
         syntax = event.context.transfer_syntax
         try:

@@ -24,13 +24,19 @@ COUNT_TIMEOUT_SECONDS = 5.0
 
 
 def source_for(
-    settings: SourceSettings, calling_ae: str, *, timeout: float | None = None
+    settings: SourceSettings,
+    calling_ae: str,
+    *,
+    timeout: float | None = None,
+    max_instance_bytes: int | None = None,
 ) -> StudySource:
     """The source a [[sources]] entry describes; `calling_ae` is our AE title to a DICOM peer."""
     if settings.kind == "dimse":
         from agent.pull.dimse import DimseSource
 
-        return DimseSource(settings, calling_ae, timeout=timeout)
+        return DimseSource(
+            settings, calling_ae, timeout=timeout, max_instance_bytes=max_instance_bytes
+        )
     return DicomWebSource(settings, timeout=timeout)
 
 
@@ -54,7 +60,14 @@ class Pulls:
         self.sources: dict[str, StudySource] = (
             sources
             if sources is not None
-            else {s.name: source_for(s, settings.receiver.ae_title) for s in settings.sources}
+            else {
+                s.name: source_for(
+                    s,
+                    settings.receiver.ae_title,
+                    max_instance_bytes=settings.receiver.max_instance_bytes,
+                )
+                for s in settings.sources
+            }
         )
         self.puller = Puller(
             db,

@@ -115,3 +115,25 @@ def test_an_archive_that_does_not_know_us_is_refused_not_retried(
         pytest.raises(SourceRefused, match=r"association rejected \(result 1,"),
     ):
         archive.source().instance_count(archive.study_uid)
+
+
+def test_a_retrieved_instance_over_the_size_limit_is_refused_without_being_held(
+    tmp_path: Path, datasets: list[Dataset], caplog: pytest.LogCaptureFixture
+) -> None:
+    datasets[2].add_new(0x00091010, "OB", bytes(2 * 1024 * 1024))  # bulk in a private element
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    db = Database(f"sqlite:///{tmp_path / 'agent.db'}")
+    db.create_schema()
+    try:
+        with Archive(datasets) as archive, caplog.at_level(logging.WARNING):
+            settings = archive.source().settings
+            source = DimseSource(settings, "PACS_AGENT", max_instance_bytes=512 * 1024)
+            result = Puller(db, layout, max_instance_bytes=512 * 1024).pull(
+                source, archive.study_uid
+            )
+    finally:
+        db.dispose()
+    assert (result.stored, result.expected) == (3, 4)
+    assert "refused a retrieved instance of " in caplog.text
+    assert "the limit is 524288 bytes" in caplog.text
