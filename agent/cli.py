@@ -342,6 +342,50 @@ def cmd_rules_test(settings: Settings, path: Path) -> int:
     return EXIT_OK
 
 
+def cmd_models_list(settings: Settings) -> int:
+    from agent.inference.registry import model_names
+    from agent.models.package import read_package_manifest
+
+    code = EXIT_OK
+    for model in settings.models:
+        if model.package is not None:
+            try:
+                manifest = read_package_manifest(model.package)
+            except AgentError as exc:
+                print(f"FAIL  {model.name}: {exc}")
+                code = EXIT_FAILURE
+                continue
+            info = manifest.model
+            print(f"ok    {model.name}: package {info.name} {info.version}, {model.package}")
+        elif model.name in model_names():
+            print(f"ok    {model.name}: built-in")
+        else:
+            print(f"FAIL  {model.name}: no built-in model of this name and no package")
+            code = EXIT_FAILURE
+    return code
+
+
+def cmd_models_check(path: Path) -> int:
+    from agent.models.check import check_package
+    from agent.models.package import load_package
+
+    package = load_package(path)
+    manifest = package.manifest
+    result = check_package(package)
+    z, y, x = result.shape
+    outputs = ", ".join(f"{o.index} {o.label}" for o in manifest.outputs)
+    print(f"name        {manifest.model.name}")
+    print(f"version     {manifest.model.version}")
+    print(f"weights     {manifest.weights.file} ({manifest.weights.format})")
+    print(f"sha256      {package.weights_sha256}")
+    print(f"device uid  {package.identity.device_uid}")
+    print(f"outputs     {outputs}")
+    print(f"run         {result.seconds:.2f} s for a {z}x{y}x{x} synthetic volume on cpu")
+    if manifest.weights.format == "torchscript":
+        print("note        torch deprecates TorchScript: prefer a torch.export program (.pt2)")
+    return EXIT_OK
+
+
 def _check(name: str, action: object) -> bool:
     try:
         action()  # type: ignore[operator]
@@ -505,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--from", dest="source", help="the source's name (default: the only one configured)"
     )
+    models = sub.add_parser("models", help="segmentation models and model packages")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    with_config(models_sub.add_parser("list", help="the configured models"), False)
+    models_check = models_sub.add_parser(
+        "check", help="validate a model package and run it once on a synthetic volume"
+    )
+    with_config(models_check, False)
+    models_check.add_argument("path", type=Path, help="a package folder, .zip or .tar")
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     with_config(echo, True)
     echo.add_argument("destination")
@@ -531,6 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_retry(settings, args.study, args.all_failed)
         if args.command == "submit":
             return cmd_submit(settings, args.study, args.source)
+        if args.command == "models":
+            if args.models_command == "list":
+                return cmd_models_list(settings)
+            return cmd_models_check(args.path)
         if args.command == "check-config":
             return cmd_check_config(settings)
         return cmd_echo(settings, args.destination)

@@ -307,6 +307,9 @@ class ModelSettings(_Section):
     name: str = "ct-tissue"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     select: SelectRules = SelectRules()
+    # A model package (a folder, .zip or .tar with a model.toml, see README "Model packages");
+    # `pacs-agent models list` shows it. Processing does not use it yet: unset for ct-tissue.
+    package: Path | None = None
 
 
 class HttpAuth(_Section):
@@ -568,6 +571,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         ]
         for secret in secrets:
             _resolve_secret_file(secret, base)
+    models = raw.get("models")
+    if isinstance(models, list):
+        for model in models:
+            if isinstance(model, dict) and isinstance(model.get("package"), str):
+                model["package"] = str((base / os.path.expanduser(model["package"])).resolve())
     destinations = raw.get("destinations")
     if isinstance(destinations, list):
         for destination in destinations:

@@ -182,3 +182,41 @@ def test_check_config_and_echo_ask_a_dicomweb_destination_by_qido(
     echo = cli("echo", "web", "--config", str(config))
     assert echo.returncode == 0, echo.stderr
     assert echo.stdout.strip() == f"QIDO-RS web ({orthanc.dicomweb_url}): success"
+
+
+def test_models_check_reports_a_package_and_names_a_bad_one(tmp_path: Path) -> None:
+    from tests.models.packages import unet, write_torchscript
+
+    folder = write_torchscript(tmp_path / "pkg", unet())
+    ok = cli("models", "check", str(folder), timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    fields = dict(
+        line.split(None, 1) for line in ok.stdout.replace("device uid", "uid").splitlines()
+    )
+    assert fields["name"] == "tiny-unet" and fields["version"] == "0.1.0"
+    assert len(fields["sha256"]) == 64
+    assert fields["uid"].startswith("2.25.")
+    assert fields["outputs"] == "1 Liver, 2 Spleen"
+    assert fields["run"].endswith("24x24x24 synthetic volume on cpu")
+    (folder / "model.pt").unlink()
+    bad = cli("models", "check", str(folder), timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0 and "weights file model.pt is missing" in bad.stderr
+
+
+def test_models_list_shows_the_built_in_and_packages(tmp_path: Path) -> None:
+    from tests.models.packages import unet, write_torchscript
+
+    write_torchscript(tmp_path / "pkg", unet())
+    extra = '[[models]]\nname = "ct-tissue"\n[[models]]\nname = "organs"\npackage = "pkg"\n'
+    config = write_config(tmp_path, port=free_port(), extra=extra)
+    result = cli("models", "list", "--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        "ok    ct-tissue: built-in",
+        f"ok    organs: package tiny-unet 0.1.0, {(tmp_path / 'pkg').resolve()}",
+    ]
+    (tmp_path / "pkg" / "model.toml").write_text("manifest_version = 1\n")
+    broken = cli("models", "list", "--config", str(config))
+    assert broken.returncode == 1
+    assert "FAIL  organs: " in broken.stdout and "'model'" in broken.stdout
