@@ -1,0 +1,321 @@
+"""The one-shot commands: status, retry, submit, rules test, models, check-config, echo.
+
+Each answers in a few lines on stdout, or raises an AgentError the CLI turns into one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+from sqlalchemy import text
+
+from agent import audit
+from agent.cli_exits import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
+from agent.db.database import Database
+from agent.domain import Manifest
+from agent.errors import AgentError, ConfigError
+from agent.settings import DestinationSettings, Settings
+from agent.spool.layout import SpoolLayout
+from agent.spool.writer import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def cmd_status(settings: Settings, limit: int, *, failed: bool = False) -> int:
+    from agent.db.states import State
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    try:
+        rows = (
+            [db.status(st) for st in db.in_states([State.FAILED])] if failed else db.recent(limit)
+        )
+    finally:
+        db.dispose()
+    if not rows:
+        print("no failed studies" if failed else "no studies yet")
+    for row in rows:
+        stages = " ".join(f"{state}={at.strftime('%H:%M:%S')}" for state, at in row.stages)
+        reason = f" ({row.reason})" if row.reason else ""
+        print(f"{row.study_key}  {row.state}{reason}  {row.instance_count} instances  {stages}")
+    return EXIT_OK
+
+
+def cmd_study(settings: Settings, key: str) -> int:
+    """One study in detail: its stages, every series stored with what each was used for, and
+    each destination's answer for each result object."""
+    from pydicom.uid import UID
+
+    from agent.db.deliveries import Deliveries
+    from agent.export.dimse import describe_status
+    from agent.export.outbox import object_name
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    try:
+        study = db.by_key(key)
+        if study is None:
+            raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
+        row = db.status(study)
+        contents = db.series_contents(study.id)
+        deliveries = Deliveries(db).of_job(study.job_id) if study.job_id else []
+    finally:
+        db.dispose()
+    reason = f" ({study.reason})" if study.reason else ""
+    print(f"{study.study_key}  {study.state}{reason}  revision {study.revision}")
+    for state, at in row.stages:
+        print(f"  {at.strftime('%Y-%m-%d %H:%M:%S')}Z  {state}")
+    used: dict[str, list[str]] = {}
+    manifest_path = SpoolLayout(settings.spool.path).manifest_path(study.job_id or "-")
+    if study.job_id and manifest_path.is_file():
+        for item in Manifest.from_json(manifest_path.read_text()).inputs:
+            used.setdefault(item.series_uid, []).append(item.model)
+    for series_uid, sop_class, count in contents:
+        name = UID(sop_class).name if sop_class else "no SOP class"
+        folder = SpoolLayout.series_folder(series_uid)
+        role = f"input of {', '.join(used[series_uid])}" if series_uid in used else "stored"
+        print(f"  series {folder}  {count} x {name}  {role}")
+    for delivery in deliveries:
+        stored = sum(o.stored for o in delivery.objects)
+        error = f"; last error: {delivery.last_error}" if delivery.last_error else ""
+        print(
+            f"  to {delivery.destination}: {stored} of {len(delivery.objects)} stored, "
+            f"{delivery.attempts} attempt{'' if delivery.attempts == 1 else 's'} since "
+            f"{delivery.first_attempt_at.strftime('%Y-%m-%d %H:%M:%S')}Z{error}"
+        )
+        for o in delivery.objects:
+            comment = f"  {o.comment}" if o.comment else ""
+            print(f"    {object_name(o.sop_class_uid)}  {describe_status(o.status)}{comment}")
+    return EXIT_OK
+
+
+def cmd_retry(settings: Settings, key: str | None, all_failed: bool) -> int:
+    """Queue failed studies again (their results and outbox are reused), or re-assemble one
+    that was skipped or failed before it had a job; the running service picks them up."""
+    from agent.assembly.assembler import RETRY_REQUESTED
+    from agent.db.deliveries import Deliveries
+    from agent.db.states import State
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    layout = SpoolLayout(settings.spool.path)
+    try:
+        if all_failed:
+            studies = db.in_states([State.FAILED])
+        else:
+            study = db.by_key(key or "")
+            if study is None:
+                raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
+            if study.state not in (State.FAILED, State.SKIPPED):
+                raise AgentError(
+                    f"study {study.study_key} is {study.state}; only failed or skipped "
+                    "studies are retried"
+                )
+            studies = [study]
+        for study in studies:
+            job = study.job_id
+            if study.state == State.FAILED and job and layout.manifest_path(job).is_file():
+                Deliveries(db).restart(job)
+                db.transition(
+                    study.study_uid,
+                    State.QUEUED,
+                    f"{RETRY_REQUESTED} (was: {study.reason})"[:2000],
+                    expect_job=job,
+                    expect_state=[State.FAILED],
+                )
+                print(f"{study.study_key}  queued again")
+            else:
+                db.transition(
+                    study.study_uid,
+                    State.RECEIVING,
+                    f"{RETRY_REQUESTED}: assembled again",
+                    expect_state=[State(study.state)],
+                )
+                print(f"{study.study_key}  to be assembled again")
+        if not studies:
+            print("no failed studies")
+    finally:
+        db.dispose()
+    return EXIT_OK
+
+
+def cmd_submit(settings: Settings, study_uid: str, source: str | None) -> int:
+    """Pull a study from a source into the spool and the database; the running service (or
+    the next one to start) processes it, as it would a study pushed to it."""
+    from agent.pull.service import Pulls
+    from agent.pull.source import SourceUnavailable
+
+    layout = SpoolLayout(settings.spool.path)
+    layout.create()
+    db = Database(settings.database_url)
+    db.create_schema()
+    audit.configure_audit(settings)
+    try:
+        result = Pulls(settings, db, layout).pull(study_uid, source)
+    except SourceUnavailable as exc:
+        print(f"pacs-agent: {exc}; try again later", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    finally:
+        db.dispose()
+        audit.close_audit()
+    refused = f", {result.refused} refused" if result.refused else ""
+    print(
+        f"{result.study_key}  pulled {result.stored} instances from {result.source}{refused}; "
+        "`pacs-agent serve` processes it"
+    )
+    return EXIT_OK
+
+
+def cmd_rules_test(settings: Settings, path: Path) -> int:
+    from agent.assembly.explain import report
+
+    for line in report(path, settings.models):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_models_list(settings: Settings) -> int:
+    from agent.inference.registry import model_names
+    from agent.models.package import read_package_manifest
+
+    code = EXIT_OK
+    for model in settings.models:
+        if model.package is not None:
+            try:
+                manifest = read_package_manifest(model.package)
+            except AgentError as exc:
+                print(f"FAIL  {model.name}: {exc}")
+                code = EXIT_FAILURE
+                continue
+            info = manifest.model
+            print(f"ok    {model.name}: package {info.name} {info.version}, {model.package}")
+        elif model.name in model_names():
+            print(f"ok    {model.name}: built-in")
+        else:
+            print(f"FAIL  {model.name}: no built-in model of this name and no package")
+            code = EXIT_FAILURE
+    return code
+
+
+def cmd_models_check(path: Path) -> int:
+    from agent.models.check import check_package
+    from agent.models.package import load_package
+
+    package = load_package(path)
+    manifest = package.manifest
+    result = check_package(package)
+    z, y, x = result.shape
+    outputs = ", ".join(f"{o.index} {o.label}" for o in manifest.outputs)
+    print(f"name        {manifest.model.name}")
+    print(f"version     {manifest.model.version}")
+    print(f"weights     {manifest.weights.file} ({manifest.weights.format})")
+    print(f"sha256      {package.weights_sha256}")
+    print(f"device uid  {package.identity.device_uid}")
+    print(f"outputs     {outputs}")
+    print(f"run         {result.seconds:.2f} s for a {z}x{y}x{x} synthetic volume on cpu")
+    if manifest.weights.format == "torchscript":
+        print("note        torch deprecates TorchScript: prefer a torch.export program (.pt2)")
+    return EXIT_OK
+
+
+def _check(name: str, action: object) -> bool:
+    try:
+        action()  # type: ignore[operator]
+    except Exception as exc:  # the CLI boundary: report, do not crash
+        print(f"FAIL  {name}: {exc}")
+        return False
+    print(f"ok    {name}")
+    return True
+
+
+def cmd_check_config(settings: Settings) -> int:
+    layout = SpoolLayout(settings.spool.path)
+
+    def spool() -> None:
+        layout.create()
+        probe = layout.tmp / f"probe-{uuid.uuid4().hex}"
+        write_atomic(probe, [b"probe"], layout.tmp)
+        probe.unlink()
+
+    def database() -> None:
+        db = Database(settings.database_url)
+        try:
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            db.dispose()
+
+    def broker() -> None:
+        if settings.queue.embedded:
+            return
+        from celery import Celery
+
+        app = Celery("pacs_agent_check", broker=settings.queue.broker_url, set_as_current=False)
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+
+    def receiver_tls() -> None:
+        from agent.tls import server_context
+
+        if settings.receiver.tls is not None:
+            server_context(settings.receiver.tls)
+
+    def web_port() -> None:
+        from agent.tls import server_context
+        from agent.web.auth import Authenticator
+
+        if settings.web.tls is not None:
+            server_context(settings.web.tls)
+        Authenticator.from_settings(settings.web)
+
+    results = [
+        _check(f"spool {settings.spool.path}", spool),
+        _check("database", database),
+        _check(f"broker {settings.queue.broker_url.split('://')[0]}://", broker),
+    ]
+    if settings.receiver.tls is not None:
+        results.append(_check("receiver TLS certificate, key and CA", receiver_tls))
+    if settings.web.enabled:
+        results.append(_check("web port certificate, key, tokens and passwords", web_port))
+    for dest in settings.destinations:
+        results.append(
+            _check(
+                f"destination {dest.name} ({_where(dest)}) {_probe_name(dest)}",
+                lambda d=dest: _probe(d, settings.receiver.ae_title),
+            )
+        )
+    return EXIT_OK if all(results) else EXIT_FAILURE
+
+
+def cmd_echo(settings: Settings, name: str) -> int:
+
+    dest = next((d for d in settings.destinations if d.name == name), None)
+    if dest is None:
+        known = ", ".join(d.name for d in settings.destinations) or "none configured"
+        raise ConfigError(f"no destination named {name!r} (known: {known})")
+    _probe(dest, settings.receiver.ae_title)
+    print(f"{_probe_name(dest)} {dest.name} ({_where(dest)}): success")
+    return EXIT_OK
+
+
+def _where(dest: DestinationSettings) -> str:
+    if dest.kind == "dicomweb":
+        return dest.url or ""
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def _probe_name(dest: DestinationSettings) -> str:
+    return "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
+
+
+def _probe(dest: DestinationSettings, calling_ae: str) -> None:
+    """C-ECHO a DICOM peer; ask a DICOMweb server for one study (reachable, credentials good)."""
+    from agent.export import dimse, stow
+
+    if dest.kind == "dicomweb":
+        stow.check(dest)
+    else:
+        dimse.echo(dest, calling_ae)
