@@ -194,18 +194,18 @@ def _emit(
     logger = logging.getLogger(AUDIT_LOGGER)
     if not logger.handlers:
         return
-    try:
-        entry: dict[str, Any] = {
-            "event": event,
-            "event_id": asdict(event_id),
-            **({"event_type": asdict(event_type)} if event_type is not None else {}),
-            "action": action.value,
-            "outcome": int(outcome),
-            **{key: value for key, value in fields.items() if value is not None},
-        }
-        logger.info(event, extra={"audit": entry})
-    except Exception:  # the boundary: an audit record never fails the action it records
-        log.exception("audit: %s not recorded", event)
+    entry: dict[str, Any] = {
+        "event": event,
+        "event_id": asdict(event_id),
+        **({"event_type": asdict(event_type)} if event_type is not None else {}),
+        "action": action.value,
+        "outcome": int(outcome),
+        **{key: value for key, value in fields.items() if value is not None},
+    }
+    # Formatting and writing happen in the handler, where logging reports a failure (a full
+    # disk, an unserialisable value) on stderr instead of raising: an audit record never fails
+    # the action it records.
+    logger.info(event, extra={"audit": entry})
 
 
 def _peer(peer: Peer | None) -> dict[str, Any] | None:

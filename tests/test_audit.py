@@ -315,10 +315,12 @@ def test_a_failing_audit_file_never_raises_into_the_caller(
 ) -> None:
     (handler,) = logging.getLogger(audit.AUDIT_LOGGER).handlers
 
-    def broken(_record: logging.LogRecord) -> None:
+    def broken(_record: logging.LogRecord) -> str:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(handler, "emit", broken)
+    # A failure while the handler formats or writes (a full disk, an unserialisable value):
+    # logging's handler reports it through handleError instead of raising.
+    monkeypatch.setattr(handler, "format", broken)
     monkeypatch.setattr(logging, "raiseExceptions", False)
     audit.study_purged("k", state="done", files=1)  # does not raise
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from agent.dicom.files import read_header
 from agent.domain import Manifest, ModelInput
 from agent.errors import PermanentError, RetryableError
 from agent.logs import log_context
+from agent.periodic import Periodic
 from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import clear_partial_writes, unknown_instances
@@ -113,8 +113,8 @@ class Assembler:
         # The quiet period counts only while this process listens (see `resume`).
         self._resumed_at: datetime | None = None
         self._inbox: queue.Queue[ArrivedInstance] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # drain() itself waits up to a tick for arrivals, so the loop runs again at once.
+        self._loop = Periodic("assembler", self._iteration, interval=0, pause=self._tick)
 
     # -- called from receiver threads ---------------------------------------------------------
 
@@ -150,25 +150,17 @@ class Assembler:
             self._seal(study)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._loop.stop()
         self.drain()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.drain(wait=self._tick)
-                self.seal_quiet_studies()
-                self.retry_waiting()
-                self.requeue_stale()
-            except Exception:  # keep assembling whatever one study did
-                log.exception("assembler iteration failed; retrying")
-                self._stop.wait(self._tick)
+    def _iteration(self) -> None:
+        self.drain(wait=self._tick)
+        self.seal_quiet_studies()
+        self.retry_waiting()
+        self.requeue_stale()
 
     # -- one step each (also called directly by tests) ------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import pickle
 import sys
 import tarfile
 import tempfile
@@ -105,6 +106,19 @@ def load_package(path: Path) -> ModelPackage:
         )
 
 
+# What torch's loaders raise for a damaged or foreign file: its own RuntimeError, zip and
+# pickle errors (ValueError, EOFError, KeyError, pickle.UnpicklingError) and OS errors.
+TORCH_LOAD_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    EOFError,
+    KeyError,
+    OSError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+
+
 def _load_torchscript(file: Path) -> Network:
     try:
         with warnings.catch_warnings():
@@ -114,7 +128,7 @@ def _load_torchscript(file: Path) -> Network:
                 "ignore", message="`torch.jit.load` is deprecated", category=DeprecationWarning
             )
             module = torch.jit.load(str(file), map_location="cpu")  # type: ignore[no-untyped-call]
-    except Exception as exc:  # torch raises RuntimeError, ValueError, ... for a bad file
+    except TORCH_LOAD_ERRORS as exc:
         raise PackageError(f"{file.name}: not a TorchScript file: {_first_line(exc)}") from None
     module.eval()
     return module  # type: ignore[no-any-return]
@@ -123,7 +137,7 @@ def _load_torchscript(file: Path) -> Network:
 def _load_exported(file: Path) -> Network:
     try:
         program = torch.export.load(str(file))
-    except Exception as exc:  # as above: a damaged or foreign file
+    except TORCH_LOAD_ERRORS as exc:
         raise PackageError(f"{file.name}: not a torch.export program: {_first_line(exc)}") from None
     return program.module()
 

@@ -356,8 +356,8 @@ def _run_get(
                 break
         if assoc.is_established:
             assoc.release()
-    except Exception:  # the thread's boundary: the retrieval counts as unanswered
-        log.exception("C-GET failed unexpectedly")
+    except (RuntimeError, ValueError, OSError) as exc:  # what pynetdicom's send_c_get raises
+        log.error("C-GET failed: %s: %s", type(exc).__name__, exc)
         last = None
     finally:
         final.append(last)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import date
 
@@ -11,6 +10,7 @@ from agent.db.database import Database
 from agent.db.sources import FAILED, KNOWN, PULLED, SeenStudies
 from agent.errors import AgentError
 from agent.logs import log_context, study_key
+from agent.periodic import Periodic
 from agent.pull.puller import Puller
 from agent.pull.source import FoundStudy, SourceUnavailable, StudySource
 from agent.settings import SourcePoll
@@ -49,27 +49,16 @@ class Poller:
         self._today = today
         # Instances each due study had at the previous search (it must hold still once).
         self._previous: dict[str, int | None] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic(
+            f"poll of {self._source.name}", self.poll_once, self._poll.interval_seconds
+        )
+        self._stop = self._loop.stopping
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name=f"poller-{self._source.name}", daemon=True
-        )
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # the thread's boundary: log, and look again next interval
-                log.exception("poll of %s failed; trying again", self._source.name)
-            self._stop.wait(self._poll.interval_seconds)
+        self._loop.stop()
 
     def poll_once(self) -> int:
         """One search, and the pulls it calls for; returns how many studies were pulled."""

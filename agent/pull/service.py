@@ -7,7 +7,7 @@ import threading
 
 from agent.db.database import Database
 from agent.dicom.uids import is_valid_uid
-from agent.errors import ConfigError, PermanentError
+from agent.errors import AgentError, ConfigError, PermanentError
 from agent.logs import log_context, study_key
 from agent.pull.poller import Poller
 from agent.pull.puller import Puller, PullResult
@@ -125,7 +125,7 @@ class Pulls:
             with log_context(study=study_key(study_uid)):
                 try:
                     self.puller.pull(source, study_uid)
-                except Exception as exc:  # the thread's boundary: the log says why
+                except (AgentError, OSError) as exc:  # a source down, the spool full, ...
                     log.error("pull from %s failed: %s", source.name, exc)
         finally:
             with self._lock:

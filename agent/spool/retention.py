@@ -19,6 +19,7 @@ from agent import audit
 from agent.db.database import Database, utcnow
 from agent.db.schema import Study
 from agent.logs import log_context
+from agent.periodic import Periodic
 from agent.spool.layout import SpoolLayout
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,7 @@ class RetentionSweeper:
         self._retention = timedelta(days=retention_days)
         self._interval = interval_seconds
         self._now = now
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("retention sweep", self._sweep_and_log, interval_seconds)
 
     def sweep(self) -> PurgeReport:
         return purge_expired(
@@ -143,7 +143,7 @@ class RetentionSweeper:
             self._layout,
             retention=self._retention,
             now=self._now(),
-            cancelled=self._stop,
+            cancelled=self._loop.stopping,
         )
 
     def start(self) -> None:
@@ -151,24 +151,16 @@ class RetentionSweeper:
         if self._retention <= timedelta(0):
             log.info("retention: 0 days, finished studies are kept until deleted by hand")
             return
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                report = self.sweep()
-                if report.studies:
-                    log.info(
-                        "retention sweep: %d studies purged, %.1f MB freed",
-                        report.studies,
-                        report.bytes / 1e6,
-                    )
-            except Exception:  # a database hiccup must not end the sweeping for good
-                log.exception("retention sweep failed; trying again in %.0f s", self._interval)
-            self._stop.wait(self._interval)
+    def _sweep_and_log(self) -> None:
+        report = self.sweep()
+        if report.studies:
+            log.info(
+                "retention sweep: %d studies purged, %.1f MB freed",
+                report.studies,
+                report.bytes / 1e6,
+            )

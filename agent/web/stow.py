@@ -311,20 +311,18 @@ class StowService:
             except OSError as exc:
                 log.error("spool write failed: %s", exc.strerror)
                 return _with(result, OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
-            try:
-                self._sink(
-                    ArrivedInstance(
-                        study_uid=result.study_uid,
-                        series_uid=result.series_uid,
-                        sop_uid=result.sop_uid,
-                        sop_class_uid=result.sop_class_uid,
-                        path=path,
-                        received_at=datetime.now(UTC),
-                    )
+            # The sink only queues the arrival for the assembler; were it to fail, the request
+            # fails (HTTP 500): stored, not acknowledged, and found by the spool scan at start.
+            self._sink(
+                ArrivedInstance(
+                    study_uid=result.study_uid,
+                    series_uid=result.series_uid,
+                    sop_uid=result.sop_uid,
+                    sop_class_uid=result.sop_class_uid,
+                    path=path,
+                    received_at=datetime.now(UTC),
                 )
-            except Exception:  # as the C-STORE handler: stored, but not acknowledged
-                log.exception("unexpected error announcing an uploaded instance")
-                return _with(result, PROCESSING_FAILURE, "internal error")
+            )
         return Result(
             SUCCESS, result.sop_class_uid, result.sop_uid, result.study_uid, result.series_uid
         )
