@@ -55,6 +55,8 @@ def load_result(folder: Path) -> ModelResult:
             category=Code(**s["category"]),
             type=Code(**s["type"]),
             tracking_id=s["tracking_id"],
+            color_lab=tuple(s["color_lab"]) if s.get("color_lab") else None,
+            measurements=tuple(s.get("measurements", ("volume", "mean"))),
         )
         for s in meta["segments"]
     )

@@ -88,6 +88,11 @@ def build_seg(
             algorithm_identification=algorithm,
             tracking_id=spec.tracking_id,
             tracking_uid=tracking_uid(uids, spec.number),
+            display_color=(
+                None
+                if spec.color_lab is None
+                else hd.color.CIELabColor.from_dicom_value(spec.color_lab)
+            ),
         )
         for spec in segments
     ]
@@ -127,6 +132,12 @@ def build_seg(
     equipment.stamp_instance(seg, headers, model, when)
     verify_frames(seg, source, mapping)
     return seg
+
+
+def _display_color(spec: SegmentSpec) -> hd.color.CIELabColor | None:
+    # RecommendedDisplayCIELabValue (PS3.3 C.8.20.2): how viewers colour the segment.
+    lab = spec.color_lab
+    return None if lab is None else hd.color.CIELabColor.from_dicom_value(lab)
 
 
 def tracking_uid(uids: OutputUids, segment_number: int) -> str:

@@ -134,14 +134,16 @@ def _measurement_group(
     source_series: hd.sr.SourceSeriesForSegmentation,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     # The algorithm is identified once per group (TID 1411 includes TID 4019), not per item.
-    items = [
-        hd.sr.Measurement(
-            name=coded(VOLUME),
-            value=measurement.volume_ml,
-            unit=coded(MILLILITER),
+    items: list[hd.sr.Measurement] = []
+    if "volume" in spec.measurements:
+        items.append(
+            hd.sr.Measurement(
+                name=coded(VOLUME),
+                value=measurement.volume_ml,
+                unit=coded(MILLILITER),
+            )
         )
-    ]
-    if measurement.voxel_count > 0:
+    if "mean" in spec.measurements and measurement.voxel_count > 0:
         items.append(
             hd.sr.Measurement(
                 name=coded(ATTENUATION_COEFFICIENT),

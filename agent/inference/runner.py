@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from agent.domain import Measurement
-from agent.errors import PermanentError
-from agent.inference.registry import Model
+from agent.errors import PermanentError, RetryableError
 from agent.inference.volume import Volume
+
+if TYPE_CHECKING:
+    from agent.inference.registry import Model
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,31 @@ log = logging.getLogger(__name__)
 def pick_device() -> torch.device:
     """CUDA if a GPU is usable, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(choice: str, model: str) -> torch.device:
+    """The device a `[[models]] device` setting means on this host.
+
+    "auto" takes the GPU when there is one and falls back to the CPU with a warning (a study
+    then takes minutes instead of seconds, but is not lost). "cuda" or "cuda:N" insist: a
+    worker without that GPU leaves the study to be retried (it may be on the wrong host, or
+    the driver may come back).
+    """
+    if choice == "auto":
+        device = pick_device()
+        if device.type == "cpu":
+            log.warning("model %s: no CUDA device here; running on the CPU (slow)", model)
+        return device
+    device = torch.device(choice)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RetryableError(f"model {model} is configured for CUDA, which is not available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RetryableError(
+                f"model {model} is configured for {choice}; this host has {count} CUDA devices"
+            )
+    return device
 
 
 def measure(mask: np.ndarray, volume: Volume, segment_number: int) -> Measurement:

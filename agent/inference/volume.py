@@ -19,6 +19,9 @@ from agent.inference.geometry import Rejected, gate
 log = logging.getLogger(__name__)
 
 
+Vector = tuple[float, float, float]
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """One stack as a (z, y, x) float32 array (Hounsfield units for CT) with its geometry.
@@ -33,6 +36,9 @@ class Volume:
     frames: tuple[FrameRef, ...] = ()  # slice order, as hu[z]
     sources: tuple[Dataset, ...] = ()
     source_frames: tuple[tuple[int, int], ...] = field(default=())
+    # Patient-space (LPS) directions of the array's x (along a row), y (down a column) and z
+    # (slice order) axes: ImageOrientationPatient and the stack's ascending slice normal.
+    axes: tuple[Vector, Vector, Vector] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
 def load_volume(refs: Sequence[FrameRef]) -> Volume:
@@ -75,11 +81,23 @@ def load_volume(refs: Sequence[FrameRef]) -> Volume:
         frames=tuple(refs),
         sources=tuple(headers[p] for p in paths),
         source_frames=tuple((index[r.path], r.index) for r in refs),
+        axes=_axes(stack.frames[0].orientation, stack.normal),
     )
     log.info(
         "loaded volume %s, spacing %s mm", hu.shape, tuple(round(v, 3) for v in volume.spacing)
     )
     return volume
+
+
+def _axes(
+    orientation: tuple[float, float, float, float, float, float], normal: Vector
+) -> tuple[Vector, Vector, Vector]:
+    row, column = orientation[:3], orientation[3:]
+    return (
+        (float(row[0]), float(row[1]), float(row[2])),
+        (float(column[0]), float(column[1]), float(column[2])),
+        (float(normal[0]), float(normal[1]), float(normal[2])),
+    )
 
 
 def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:

@@ -2,79 +2,57 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from agent.models.intensity import preprocess_intensity
+from agent.errors import PermanentError
+from agent.inference.volume import Volume
 from agent.models.manifest import PackageError, PackageManifest
 from agent.models.package import ModelPackage
-from agent.models.window import sliding_window
+from agent.models.runner import run_package
 
 
 @dataclass(frozen=True)
 class CheckResult:
     shape: tuple[int, int, int]  # (z, y, x) of the synthetic volume
-    output_channels: int
-    seconds: float  # the sliding-window run alone, not loading or preprocessing
+    output_channels: int  # the outputs the manifest names, all of which the network gave
+    seconds: float  # preprocessing, the network and postprocessing; not loading
     labels_found: tuple[int, ...]  # the label indices some voxel was given
 
 
-def synthetic_volume(manifest: PackageManifest, seed: int = 0) -> torch.Tensor:
-    """A (C, z, y, x) volume one and a half patches wide on each axis, so that patches
-    overlap and are blended, of random intensities within the clip window (else CT's range)."""
-    patch = manifest.inference.patch_size
+def synthetic_volume(manifest: PackageManifest, seed: int = 0) -> Volume:
+    """A volume one and a half patches wide on each axis at the package's spacing (so that
+    patches overlap and are blended), of random intensities within the clip window (else
+    CT's range); a whole-volume network gets 48 voxels a side."""
+    patch = manifest.inference.patch_size or (32, 32, 32)
     shape = tuple(p + p // 2 for p in patch)
     low, high = manifest.preprocessing.clip or (-1024.0, 2048.0)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand((manifest.input.channels, *shape), generator=generator)
-    return low + noise * (high - low)
-
-
-def label_map(scores: torch.Tensor, manifest: PackageManifest) -> torch.Tensor:
-    """(K, z, y, x) scores to a (z, y, x) label map (for sigmoid outputs, the highest label
-    wins where labels overlap)."""
-    if manifest.inference.activation == "softmax":
-        return scores.argmax(dim=0)
-    labels = torch.zeros(scores.shape[1:], dtype=torch.long, device=scores.device)
-    for index in range(1, scores.shape[0] + 1):
-        labels[torch.sigmoid(scores[index - 1]) > 0.5] = index
-    return labels
+    rng = np.random.default_rng(seed)
+    hu = (low + rng.random(shape, dtype=np.float32) * (high - low)).astype(np.float32)
+    spacing = manifest.preprocessing.spacing_mm or (1.0, 1.0, 1.0)
+    return Volume(hu=hu, spacing=spacing)
 
 
 def check_package(package: ModelPackage) -> CheckResult:
-    """Run the network once, on the CPU; PackageError when it fails or answers out of shape."""
+    """Run the package once, on the CPU; PackageError when it fails or answers out of shape."""
     manifest = package.manifest
-    volume = preprocess_intensity(synthetic_volume(manifest), manifest.preprocessing)
-    inference = manifest.inference
-    started = time.monotonic()
+    volume = synthetic_volume(manifest)
     try:
         with torch.inference_mode():
-            scores = sliding_window(
-                volume,
-                package.network,
-                patch_size=inference.patch_size,
-                overlap=inference.overlap,
-                batch_size=inference.batch_size,
-            )
-    except Exception as exc:  # the package's network: whatever it raises is its failure
-        text = str(exc).strip().splitlines()
-        reason = text[0] if text else type(exc).__name__
-        raise PackageError(f"{package.source}: the network failed: {reason}") from None
-    seconds = time.monotonic() - started
-    channels = int(scores.shape[0])
-    if channels < manifest.output_channels:
-        raise PackageError(
-            f"{package.source}: the network gives {channels} output channels; outputs up to "
-            f"index {manifest.outputs[-1].index} need {manifest.output_channels}"
-        )
-    if not bool(torch.isfinite(scores).all()):
-        raise PackageError(f"{package.source}: the network gave NaN or infinite scores")
-    found = torch.unique(label_map(scores, manifest))
+            run = run_package(manifest, package.network, volume, torch.device("cpu"))
+    except PackageError:
+        raise
+    except PermanentError as exc:  # the runner names what the network did wrong
+        raise PackageError(f"{package.source}: {exc}") from None
+    found = tuple(
+        o.index for o, mask in zip(manifest.outputs, run.masks, strict=True) if mask.any()
+    )
+    z, y, x = volume.hu.shape
     return CheckResult(
-        shape=(int(volume.shape[1]), int(volume.shape[2]), int(volume.shape[3])),
-        output_channels=channels,
-        seconds=seconds,
-        labels_found=tuple(int(v) for v in found if int(v) > 0),
+        shape=(z, y, x),
+        output_channels=manifest.output_channels,
+        seconds=run.times.total,
+        labels_found=found,
     )

@@ -110,14 +110,30 @@ class PreprocessingInfo(_Section):
 
 
 class InferenceInfo(_Section):
-    patch_size: Positive3  # (z, y, x) voxels
+    # "sliding_window": patches of patch_size, blended; "whole": the network takes the whole
+    # (preprocessed) volume in one call, for networks that need all of it (connected
+    # components, a classical algorithm) or are small enough.
+    mode: Literal["sliding_window", "whole"] = "sliding_window"
+    patch_size: Positive3 | None = None  # (z, y, x) voxels; sliding_window needs it
     # Fraction of a patch that neighbouring patches share, along each axis.
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
     batch_size: Annotated[int, Field(ge=1)] = 1
+    # On CUDA, "float16" and "bfloat16" run the network under autocast (mixed precision);
+    # on the CPU the network runs in float32 whatever this says.
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
     # "softmax": channel 0 is background and each voxel takes its largest channel;
     # "sigmoid": channel k-1 is label k, set where above 0.5 (labels may overlap).
+    # A network may return bool masks instead of scores: channel k-1 is then label k's mask.
     activation: Literal["softmax", "sigmoid"] = "softmax"
+    # Python networks only: called as network(x, spacing) with the (z, y, x) spacing in mm of
+    # the grid they are given, for algorithms that measure in millimetres.
+    spacing_argument: bool = False
+
+    @model_validator(mode="after")
+    def _patch(self) -> InferenceInfo:
+        if self.mode == "sliding_window" and self.patch_size is None:
+            raise ValueError('mode = "sliding_window" needs patch_size')
+        return self
 
 
 class CodeInfo(_Section):
@@ -158,6 +174,16 @@ class PackageManifest(_Section):
     inference: InferenceInfo
     outputs: Annotated[tuple[OutputInfo, ...], Field(min_length=1)]
 
+    @model_validator(mode="after")
+    def _consistent(self) -> PackageManifest:
+        if self.inference.spacing_argument and self.weights.format != "python":
+            raise ValueError('inference.spacing_argument is for format = "python" networks')
+        if self.input.channels != 1:
+            # A model is given one series; several (e.g. MR sequences) would need the study's
+            # series matched to channels, which packages cannot state yet.
+            raise ValueError(f"input.channels is {self.input.channels}; pacs-agent gives 1")
+        return self
+
     @field_validator("outputs")
     @classmethod
     def _indices(cls, value: tuple[OutputInfo, ...]) -> tuple[OutputInfo, ...]:
@@ -175,6 +201,8 @@ class PackageManifest(_Section):
                 category=o.category.code,
                 type=o.type.code,
                 tracking_id=o.tracking_id or f"{self.model.name} {o.label.lower()}",
+                color_lab=o.dicom_lab,
+                measurements=o.measurements,
             )
             for number, o in enumerate(self.outputs, start=1)
         )

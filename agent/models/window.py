@@ -63,6 +63,7 @@ def sliding_window(
     overlap: float,
     batch_size: int,
     pad_value: float = 0.0,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Run `network` over `volume` (C, z, y, x) patch by patch; return its (K, z, y, x) output.
 
@@ -70,6 +71,10 @@ def sliding_window(
     `batch_size` at a time, and are blended with a Gaussian weight, accumulated in float32 on
     the volume's device. An axis shorter than the patch is padded with `pad_value` at its end.
     The caller chooses the grad mode and autocast; `torch.inference_mode()` for inference.
+
+    `device` is where the network runs, when not the volume's: the volume and the blending
+    then stay where they are (host memory when the GPU has too little) and only batches of
+    patches go to the network and back.
     """
     if volume.dim() != 4:
         raise ValueError(f"volume must be (C, z, y, x), got shape {tuple(volume.shape)}")
@@ -87,7 +92,11 @@ def sliding_window(
     for first in range(0, len(positions), batch_size):
         chunk = positions[first : first + batch_size]
         batch = torch.stack([volume[:, z : z + pz, y : y + py, x : x + px] for z, y, x in chunk])
+        if device is not None and device != volume.device:
+            batch = batch.to(device, non_blocking=True)
         scores = network(batch)
+        if scores.device != volume.device:
+            scores = scores.to(volume.device)
         if scores.dim() != 5 or tuple(scores.shape[2:]) != patch_size:
             raise ValueError(
                 f"the network returned shape {tuple(scores.shape)} for a patch "

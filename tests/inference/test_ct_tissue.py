@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,10 +15,10 @@ import torch
 from pydicom.uid import UID
 
 from agent.domain import Code
-from agent.inference.models import ct_tissue
-from agent.inference.models.ct_tissue import DISCLAIMER, IDENTITY, SEGMENTS, CtTissueModel
+from agent.inference.registry import BUILTIN, get_model
 from agent.inference.runner import run_model
 from agent.inference.volume import Volume
+from agent.models.package import package_identity, read_package_manifest, sha256_file
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import (
     PhantomTruth,
@@ -26,6 +30,23 @@ from tests.support.phantom import (
 from tests.support.volumes import load_files
 
 CPU = torch.device("cpu")
+PACKAGE = BUILTIN / "ct-tissue"
+
+
+def _module(path: Path) -> ModuleType:
+    """The package's code as a module of its own, for its primitives."""
+    spec = importlib.util.spec_from_file_location("ct_tissue_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+ct_tissue = _module(PACKAGE / "ct_tissue.py")
+MODEL = get_model("ct-tissue")
+IDENTITY = MODEL.identity
+SEGMENTS = MODEL.segments
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +67,13 @@ def test_identity_and_segments_are_as_published() -> None:
     assert IDENTITY.manufacturer == "pacs-agent"
     assert IDENTITY.device_uid.startswith("2.25.")
     assert UID(IDENTITY.device_uid).is_valid
-    assert DISCLAIMER == "research use, not for diagnosis"
+    # The Device UID names the algorithm's code: it changes when the code does.
+    digest = sha256_file(PACKAGE / "ct_tissue.py")
+    manifest = read_package_manifest(PACKAGE)
+    assert IDENTITY.device_uid == package_identity(manifest, (digest, digest)).device_uid
+    assert IDENTITY.intended_use == "research use, not for diagnosis"
+    assert all(s.color_lab is not None for s in SEGMENTS)
+    assert all(s.measurements == ("volume", "mean") for s in SEGMENTS)
     anatomy = Code("91723000", "SCT", "Anatomical Structure")
     tissue = Code("85756007", "SCT", "Tissue")
     assert [(s.number, s.category, s.type.value, s.tracking_id) for s in SEGMENTS] == [
@@ -60,7 +87,7 @@ def test_identity_and_segments_are_as_published() -> None:
 
 def test_phantom_volumes_match_the_truth(phantom: tuple[PhantomTruth, Volume]) -> None:
     truth, volume = phantom
-    masks, measurements = run_model(CtTissueModel(), volume, CPU)
+    masks, measurements = run_model(MODEL, volume, CPU)
     assert masks.shape == (5, *volume.hu.shape)
     for spec, measured in zip(SEGMENTS, measurements, strict=True):
         expected = truth.volumes_ml[spec.label]
@@ -75,7 +102,7 @@ def test_phantom_volumes_match_the_truth(phantom: tuple[PhantomTruth, Volume]) -
 
 def test_tissues_are_exclusive_and_inside_the_body(phantom: tuple[PhantomTruth, Volume]) -> None:
     _, volume = phantom
-    masks = CtTissueModel().predict(volume, CPU)
+    masks = MODEL.predict(volume, CPU)
     assert masks.dtype == np.bool_
     assert int(masks[1:].sum(axis=0, dtype=np.uint8).max()) == 1
     assert not (masks[1:].any(axis=0) & ~masks[0]).any()
@@ -85,7 +112,7 @@ def test_real_ct_is_plausible(real_ct: Volume) -> None:
     # 40 mm of upper abdomen, liver dome to stomach, arms beside the trunk. Lungs reach only
     # a sliver of the right base into the top slice (under 1 ml); the two pockets of stomach
     # and colon gas (13 and 17 ml) are not lung.
-    _, measurements = run_model(CtTissueModel(), real_ct, CPU)
+    _, measurements = run_model(MODEL, real_ct, CPU)
     ml = {s.label: m.volume_ml for s, m in zip(SEGMENTS, measurements, strict=True)}
     mean_hu = {s.label: m.mean_hu for s, m in zip(SEGMENTS, measurements, strict=True)}
     slab_cm = real_ct.hu.shape[0] * real_ct.spacing[0] / 10.0
@@ -108,14 +135,14 @@ def test_empty_and_tiny_volumes_give_empty_masks() -> None:
         hu=np.full((3, 8, 8), -1000.0, dtype=np.float32),
         spacing=(1.0, 1.0, 1.0),
     )
-    masks = CtTissueModel().predict(air, CPU)
+    masks = MODEL.predict(air, CPU)
     assert masks.shape == (5, 3, 8, 8)
     assert not masks.any()
     one_slice = Volume(
         hu=np.full((1, 4, 4), 40.0, dtype=np.float32),
         spacing=(1.0, 1.0, 1.0),
     )
-    masks = CtTissueModel().predict(one_slice, CPU)
+    masks = MODEL.predict(one_slice, CPU)
     assert masks[0].all() and masks[4].all()
 
 
@@ -126,7 +153,7 @@ def test_body_excludes_table_and_thin_blanket() -> None:
     hu[:, 4, :] = 40.0  # a blanket fold: one row, above the patient
     hu[:, 4:40, 48] = 40.0  # ... that touches the skin through a thin strand
     volume = Volume(hu=hu, spacing=(5.0, 4.5, 4.5))
-    masks = CtTissueModel().predict(volume, CPU)
+    masks = MODEL.predict(volume, CPU)
     expected = truth_volumes_ml(labels, 1.0)["Body"]  # in voxels
     assert int(masks[0].sum()) == pytest.approx(expected, rel=0.01)
     assert not masks[0][:, 90, :].any()
@@ -173,7 +200,7 @@ def test_small_holes_only() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_the_cpu_result(phantom: tuple[PhantomTruth, Volume]) -> None:
     _, volume = phantom
-    model = CtTissueModel()
+    model = MODEL
     np.testing.assert_array_equal(
         model.predict(volume, torch.device("cuda")), model.predict(volume, CPU)
     )
@@ -194,7 +221,7 @@ def test_speed_on_a_full_size_ct(anatomy: str) -> None:
         order = np.concatenate([np.arange(20)[:: 1 if k % 2 == 0 else -1] for k in range(15)])
         hu, spacing = np.ascontiguousarray(real.hu[order]), real.spacing
     volume = Volume(hu=hu, spacing=spacing)
-    model = CtTissueModel()
+    model = MODEL
     timings = []
     for _ in range(3):
         start = time.perf_counter()
@@ -208,3 +235,30 @@ def test_speed_on_a_full_size_ct(anatomy: str) -> None:
 def test_phantom_volume_is_in_slice_order(phantom: tuple[PhantomTruth, Volume]) -> None:
     truth, volume = phantom
     assert tuple(r.path for r in volume.frames) == truth.files
+
+
+def test_the_runner_gives_what_the_algorithm_gives(phantom: tuple[PhantomTruth, Volume]) -> None:
+    # ct-tissue runs through the package runner (whole-volume mode, bool masks, spacing
+    # passed); that must be exactly the algorithm's own answer on the same voxels.
+    _, volume = phantom
+    direct = ct_tissue.segment(torch.from_numpy(volume.hu.copy()), volume.spacing).numpy()
+    assert np.array_equal(MODEL.predict(volume, CPU), direct)
+
+
+def test_a_sagittal_stack_is_turned_before_the_algorithm(
+    phantom: tuple[PhantomTruth, Volume],
+) -> None:
+    # The same phantom stored as sagittal slices: ct-tissue works slice by slice in-plane,
+    # so it must be given axial planes; the masks come back on the sagittal grid.
+    _, volume = phantom
+    sagittal_hu = np.ascontiguousarray(volume.hu.transpose(2, 0, 1)[:, ::-1, :])
+    z, y, x = volume.spacing
+    sagittal = Volume(
+        hu=sagittal_hu,
+        spacing=(x, z, y),
+        # Rows run towards the back (+y), columns towards the feet (-z), slices left (+x).
+        axes=((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),
+    )
+    axial_masks = MODEL.predict(volume, CPU)
+    sagittal_masks = MODEL.predict(sagittal, CPU)
+    assert np.array_equal(sagittal_masks, axial_masks.transpose(0, 3, 1, 2)[:, :, ::-1, :])

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from agent.domain import Code, ModelIdentity, SegmentSpec
-from agent.errors import PermanentError
+from agent.errors import ConfigError, PermanentError
 from agent.inference import runner
-from agent.inference.models.ct_tissue import CtTissueModel
-from agent.inference.registry import get_model, model_names
+from agent.inference.registry import (
+    BUILTIN,
+    get_model,
+    model_names,
+    preload,
+    with_package_rules,
+)
 from agent.inference.runner import pick_device, run_model
 from agent.inference.volume import Volume
+from agent.models.runner import PackagedModel
+from agent.roles import with_device
+from agent.settings import ModelSettings, SelectRules, Settings
 
 CODE = Code("1", "99TEST", "test")
 IDENTITY = ModelIdentity("fake", "0", "tests", "2.25.1")
@@ -47,7 +58,7 @@ def small_volume() -> Volume:
 def test_known_models_are_listed_and_built_once() -> None:
     assert "ct-tissue" in model_names()
     model = get_model("ct-tissue")
-    assert isinstance(model, CtTissueModel)
+    assert isinstance(model, PackagedModel)
     assert get_model("ct-tissue") is model
     assert model.identity.name == "ct-tissue"
 
@@ -103,3 +114,48 @@ def test_run_model_defaults_to_the_picked_device(monkeypatch: pytest.MonkeyPatch
 def test_malformed_model_output_is_a_permanent_error(masks: np.ndarray) -> None:
     with pytest.raises(PermanentError, match="model fake returned"):
         run_model(FakeModel(masks), small_volume(), torch.device("cpu"))
+
+
+def test_preload_names_a_broken_package(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.toml").write_text("manifest_version = 1\n")
+    entry = ModelSettings(name="organs", package=folder)
+    with pytest.raises(ConfigError, match=r"\[\[models\]\] organs: .*model.toml"):
+        preload([entry])
+
+
+def test_preload_puts_each_network_on_its_device(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.INFO):
+        preload([ModelSettings(name="ct-tissue"), ModelSettings(name="ct-tissue", device="cuda")])
+    assert "model ct-tissue ready on cpu" in caplog.text
+    # A worker on a host without the named GPU still starts; its studies are retried.
+    assert "model ct-tissue not preloaded: model ct-tissue is configured for CUDA" in caplog.text
+
+
+def test_package_rules_apply_unless_the_entry_sets_its_own(tmp_path: Path) -> None:
+    folder = tmp_path / "mr-model"
+    shutil.copytree(BUILTIN / "ct-tissue", folder)
+    text = (folder / "model.toml").read_text()
+    (folder / "model.toml").write_text(text.replace('modalities = ["CT"]', 'modalities = ["MR"]'))
+    own = ModelSettings(name="a", package=folder)
+    overridden = ModelSettings(name="b", package=folder, select=SelectRules(modalities=("CT",)))
+    builtin = ModelSettings(name="ct-tissue")
+    a, b, c = with_package_rules([own, overridden, builtin])
+    assert (a.select.modalities, b.select.modalities, c.select.modalities) == (
+        ("MR",),
+        ("CT",),
+        ("CT",),
+    )
+
+
+def test_worker_device_replaces_auto_only() -> None:
+    settings = Settings(
+        models=(ModelSettings(name="a"), ModelSettings(name="b", device="cpu")),
+    )
+    assert with_device(settings, None) is settings
+    changed = with_device(settings, "cuda:1")
+    assert [m.device for m in changed.models] == ["cuda:1", "cpu"]

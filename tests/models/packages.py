@@ -92,13 +92,17 @@ def write_torchscript(folder: Path, model: torch.nn.Module, **manifest: str) -> 
     return folder
 
 
-def write_exported(folder: Path, model: torch.nn.Module, **manifest: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 1, *PATCH)
+def save_exported(model: torch.nn.Module, path: Path, patch: tuple[int, int, int] = PATCH) -> None:
+    example = torch.zeros(2, 1, *patch)
     # The sliding window's last batch may be smaller than batch_size: the batch is dynamic.
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(folder / "model.pt2"))
+    torch.export.save(program, str(path))
+
+
+def write_exported(folder: Path, model: torch.nn.Module, **manifest: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_exported(model, folder / "model.pt2")
     text = manifest_text(weights='format = "export"\nfile = "model.pt2"', **manifest)
     (folder / "model.toml").write_text(text)
     return folder

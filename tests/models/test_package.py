@@ -21,21 +21,8 @@ from tests.models.packages import (
     PATCH,
     manifest_text,
     unet,
-    write_exported,
-    write_python,
     write_torchscript,
 )
-
-
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("packages")
-    model = unet()
-    return {
-        "torchscript": write_torchscript(root / "torchscript", model),
-        "export": write_exported(root / "export", model),
-        "python": write_python(root / "python", model),
-    }
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "export", "python"])

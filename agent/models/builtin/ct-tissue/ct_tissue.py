@@ -1,64 +1,21 @@
-"""The built-in reference model ct-tissue: classical Hounsfield-threshold tissue segmentation."""
+"""ct-tissue, the reference model: classical Hounsfield-threshold tissue segmentation.
+
+The Python network of the built-in `ct-tissue` package (see model.toml beside it): it takes the
+whole CT volume in HU with its spacing and gives body, lungs, bone, adipose and soft tissue as
+bool masks. It imports only torch, so that the SHA-256 of this file, from which the model's
+Device UID derives, covers all of the algorithm.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from agent.dicom.codes import ANATOMICAL_STRUCTURE, TISSUE
-from agent.domain import Code, ModelIdentity, SegmentSpec
-from agent.inference.volume import Volume
-
-log = logging.getLogger(__name__)
-
-DISCLAIMER = "research use, not for diagnosis"
-NAME = "ct-tissue"
-VERSION = "1.0.0"
-
-
-def _device_uid(name: str, version: str) -> str:
-    # PS3.5 B.2: "2.25." + the decimal form of a 128-bit value; derived from name and version
-    # so that every installation names this algorithm with the same UID.
-    digest = hashlib.sha256(f"pacs-agent model {name} {version}".encode()).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
-
-
-IDENTITY = ModelIdentity(
-    name=NAME, version=VERSION, manufacturer="pacs-agent", device_uid=_device_uid(NAME, VERSION)
-)
-
-# PS3.16 CID 7150 "Segmentation Property Category" and CID 7151 "Segmentation Property Type".
-SEGMENTS = (
-    SegmentSpec(
-        1, "Body", ANATOMICAL_STRUCTURE, Code("38266002", "SCT", "Entire body"), "ct-tissue body"
-    ),
-    SegmentSpec(
-        2, "Lungs", ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), "ct-tissue lungs"
-    ),
-    SegmentSpec(
-        3,
-        "Bone",
-        ANATOMICAL_STRUCTURE,
-        Code("272673000", "SCT", "Bone structure"),
-        "ct-tissue bone",
-    ),
-    SegmentSpec(
-        4,
-        "Adipose tissue",
-        TISSUE,
-        Code("55603005", "SCT", "Adipose tissue"),
-        "ct-tissue adipose tissue",
-    ),
-    SegmentSpec(
-        5, "Soft tissue", TISSUE, Code("87784001", "SCT", "Soft tissue"), "ct-tissue soft tissue"
-    ),
-)
+# The masks, in the order of the manifest's outputs 1..5.
+SEGMENT_COUNT = 5
 
 # Hounsfield thresholds. Body/air at -500 and lung air below -400 are the usual classical
 # choices; adipose -190..-30 and muscle/soft tissue -29..+150 are the ranges of the
@@ -309,7 +266,7 @@ def segment(hu: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tens
 
     Morphology is in-plane only: slices may be several times thicker than pixels are wide.
     """
-    masks = torch.zeros((len(SEGMENTS), *hu.shape), dtype=torch.bool, device=hu.device)
+    masks = torch.zeros((SEGMENT_COUNT, *hu.shape), dtype=torch.bool, device=hu.device)
     body = _body(hu, spacing)
     masks[0] = body
     box = _bbox(body)
@@ -321,29 +278,13 @@ def segment(hu: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tens
     return masks
 
 
-class CtTissueModel:
-    """ct-tissue as a registry Model: segments a CT volume on the given torch device."""
+def network(x: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
+    """(1, 1, z, y, x) HU with its (z, y, x) spacing in mm to (1, 5, z, y, x) bool masks."""
+    if x.shape[0] != 1 or x.shape[1] != 1:
+        raise ValueError(f"ct-tissue takes one CT volume, (1, 1, z, y, x), got {tuple(x.shape)}")
+    return segment(x[0, 0].float(), spacing)[None]
 
-    @property
-    def identity(self) -> ModelIdentity:
-        return IDENTITY
 
-    @property
-    def segments(self) -> tuple[SegmentSpec, ...]:
-        return SEGMENTS
-
-    def predict(self, volume: Volume, device: torch.device) -> np.ndarray:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            array = np.ascontiguousarray(volume.hu, dtype=np.float32)
-            if not array.flags.writeable:
-                array = array.copy()  # torch cannot wrap a read-only buffer without warning
-            hu = torch.from_numpy(array).to(device)
-            masks = segment(hu, volume.spacing).cpu().numpy()
-        log.info(
-            "ct-tissue on %s voxels (%s) in %.2f s",
-            "x".join(str(n) for n in volume.hu.shape),
-            device,
-            time.perf_counter() - start,
-        )
-        return masks
+def build(root: Path) -> object:
+    """The package's entry point: the network, which has no weights to load."""
+    return network
