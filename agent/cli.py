@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from agent.commands import (
     cmd_echo,
     cmd_models_check,
     cmd_models_list,
+    cmd_models_switch,
     cmd_retry,
     cmd_rules_test,
     cmd_status,
@@ -25,7 +27,21 @@ from agent.commands import (
 from agent.errors import AgentError, ConfigError
 from agent.logs import configure_logging
 from agent.roles import run_role
-from agent.settings import load_settings
+from agent.settings import ModelState, load_settings
+
+# `pacs-agent models VERB NAME`: run-time switches, kept in the database, read without restart.
+SWITCHES = {
+    "on": "run a model again (an override of its configured state)",
+    "pause": "hold a model's new studies, queued, until it is on again",
+    "off": "kill switch: do not run a model; its studies are skipped",
+    "reset": "remove the override: the configured state applies again",
+}
+SWITCH_STATES: dict[str, ModelState | None] = {
+    "on": "on",
+    "pause": "paused",
+    "off": "off",
+    "reset": None,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Celery worker for scale-out with Redis")
     with_config(worker, True)
     worker.add_argument("--queue", choices=["gpu", "io", "all"], default="all")
+    worker.add_argument(
+        "--device",
+        type=_device,
+        help='the GPU of this worker (e.g. cuda:1) for models whose device is "auto"',
+    )
     status = sub.add_parser("status", help="recent studies, one line each; or one in detail")
     with_config(status, False)
     status.add_argument("--limit", type=int, default=50)
@@ -78,10 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(models_check, False)
     models_check.add_argument("path", type=Path, help="a package folder, .zip or .tar")
+    for verb, about in SWITCHES.items():
+        # --config required: a kill switch stored in some other database would do nothing.
+        switch = models_sub.add_parser(verb, help=about)
+        with_config(switch, True)
+        switch.add_argument("name", help="the model's name in [[models]]")
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     with_config(echo, True)
     echo.add_argument("destination")
     return parser
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
+        raise argparse.ArgumentTypeError("cpu, cuda or cuda:N")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "models":
             if args.models_command == "list":
                 return cmd_models_list(settings)
+            if args.models_command in SWITCHES:
+                return cmd_models_switch(settings, args.name, SWITCH_STATES[args.models_command])
             return cmd_models_check(args.path)
         if args.command == "check-config":
             return cmd_check_config(settings)

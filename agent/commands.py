@@ -17,7 +17,7 @@ from agent.cli_exits import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from agent.db.database import Database
 from agent.domain import Manifest
 from agent.errors import AgentError, ConfigError
-from agent.settings import DestinationSettings, Settings
+from agent.settings import DestinationSettings, ModelState, Settings
 from agent.spool.layout import SpoolLayout
 from agent.spool.writer import write_atomic
 
@@ -171,8 +171,9 @@ def cmd_submit(settings: Settings, study_uid: str, source: str | None) -> int:
 
 def cmd_rules_test(settings: Settings, path: Path) -> int:
     from agent.assembly.explain import report
+    from agent.inference.registry import with_package_rules
 
-    for line in report(path, settings.models):
+    for line in report(path, with_package_rules(settings.models)):
         print(line)
     return EXIT_OK
 
@@ -181,23 +182,84 @@ def cmd_models_list(settings: Settings) -> int:
     from agent.inference.registry import model_names
     from agent.models.package import read_package_manifest
 
+    states = _state_notes(settings)
     code = EXIT_OK
     for model in settings.models:
+        state = states[model.name]
         if model.package is not None:
             try:
                 manifest = read_package_manifest(model.package)
             except AgentError as exc:
-                print(f"FAIL  {model.name}: {exc}")
+                print(f"FAIL  {model.name}: {exc}{state}")
                 code = EXIT_FAILURE
                 continue
             info = manifest.model
-            print(f"ok    {model.name}: package {info.name} {info.version}, {model.package}")
+            package = f"package {info.name} {info.version}, {model.package}"
+            print(f"ok    {model.name}: {package}{state}")
         elif model.name in model_names():
-            print(f"ok    {model.name}: built-in")
+            print(f"ok    {model.name}: built-in{state}")
         else:
-            print(f"FAIL  {model.name}: no built-in model of this name and no package")
+            print(f"FAIL  {model.name}: no built-in model of this name and no package{state}")
             code = EXIT_FAILURE
     return code
+
+
+def _state_notes(settings: Settings) -> dict[str, str]:
+    """Each model's state as `models list` appends it: "; state on", and for one switched at
+    run time, "; state off (switched at run time; configured on)"."""
+    from agent.db.switches import ModelSwitches
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    try:
+        overrides = ModelSwitches(db).overrides()
+    finally:
+        db.dispose()
+    return {
+        m.name: (
+            f"; state {overrides[m.name]} (switched at run time; configured {m.state})"
+            if m.name in overrides
+            else f"; state {m.state}"
+        )
+        for m in settings.models
+    }
+
+
+def cmd_models_switch(settings: Settings, name: str, state: ModelState | None) -> int:
+    """Switch a model on, paused or off at run time, or (None) back to its configured state.
+
+    The override is kept in the database, where the running service and every worker read it
+    at their next decision: a kill switch needs no restart.
+    """
+    from agent.db.switches import ModelSwitches
+
+    configured = {m.name: m for m in settings.models}
+    removed = False
+    db = Database(settings.database_url)
+    db.create_schema()
+    try:
+        switches = ModelSwitches(db)
+        # An override for a model no longer configured may still be removed.
+        if name not in configured and (state is not None or name not in switches.overrides()):
+            known = ", ".join(configured)
+            raise AgentError(f"no model named {name!r} in the configuration (models: {known})")
+        if state is None:
+            removed = switches.reset(name)
+        else:
+            switches.set(name, state)
+    finally:
+        db.dispose()
+    if name not in configured:
+        log.info("override of model %s removed", name)
+        print(f"{name}: override removed (the model is not configured)")
+    elif state is None:
+        now = configured[name].state
+        log.info("model %s back to its configured state, %s", name, now)
+        print(f"{name}: {now}, as configured" + ("" if removed else " (no override was set)"))
+    else:
+        log.info("model %s switched %s", name, state)
+        print(f"{name}: {state} (configured {configured[name].state}; `models reset` undoes)")
+    return EXIT_OK
 
 
 def cmd_models_check(path: Path) -> int:
@@ -232,6 +294,8 @@ def _check(name: str, action: object) -> bool:
 
 
 def cmd_check_config(settings: Settings) -> int:
+    from agent.inference.registry import get_model
+
     layout = SpoolLayout(settings.spool.path)
 
     def spool() -> None:
@@ -280,6 +344,14 @@ def cmd_check_config(settings: Settings) -> int:
         results.append(_check("receiver TLS certificate, key and CA", receiver_tls))
     if settings.web.enabled:
         results.append(_check("web port certificate, key, tokens and passwords", web_port))
+    for model in settings.models:
+        # Loads the package as a worker would (manifest, SHA-256, network); runs nothing.
+        results.append(
+            _check(
+                f"model {model.name}",
+                lambda m=model: get_model(m.name, m.package, m.precision),
+            )
+        )
     for dest in settings.destinations:
         results.append(
             _check(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ class SegmentSpec:
     category: Code  # CID 7150 segmentation property category
     type: Code  # CID 7151 segmentation property type
     tracking_id: str  # human-readable tracking identifier, stable across studies
+    # RecommendedDisplayCIELabValue as DICOM stores it (PS3.3 C.10.7.1.1); None: viewer's choice.
+    color_lab: tuple[int, int, int] | None = None
+    # What the SR reports for the segment (TID 1411): "volume", and "mean" (attenuation, CT).
+    measurements: tuple[str, ...] = ("volume", "mean")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,9 @@ class ModelIdentity:
     name: str
     version: str
     manufacturer: str
-    device_uid: str  # deterministic from name and version
+    device_uid: str  # deterministic: from the weights' SHA-256 (and code, for Python packages)
+    # Shown with the results (SEG and SR ImageComments), e.g. "research use, not for diagnosis".
+    intended_use: str = "research use, not for diagnosis"
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,13 @@ class ModelInput:
         return tuple(dict.fromkeys(f.path for f in self.frames))
 
 
+class Priority(enum.StrEnum):
+    """How soon a job runs: urgent jobs go first, normal ones are never starved by them."""
+
+    NORMAL = "normal"
+    URGENT = "urgent"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What the assembler hands to a GPU worker: every model's input for one study."""
@@ -79,6 +93,8 @@ class Manifest:
     # 1 for a study's first processed input, +1 for each later, different one (late arrivals);
     # the results' InstanceNumber, so viewers show the newest.
     revision: int = 1
+    # Decided once, when the study is sealed (its sender, its models); the job's queues follow it.
+    priority: Priority = Priority.NORMAL
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -90,6 +106,7 @@ class Manifest:
                 "job_id": self.job_id,
                 "study_uid": self.study_uid,
                 "revision": self.revision,
+                "priority": self.priority.value,
                 "inputs": [
                     {
                         "model": i.model,
@@ -109,6 +126,8 @@ class Manifest:
             job_id=raw["job_id"],
             study_uid=raw["study_uid"],
             revision=int(raw.get("revision", 1)),
+            # Manifests written before priorities existed are normal.
+            priority=Priority(raw.get("priority", Priority.NORMAL)),
             inputs=tuple(
                 ModelInput(
                     model=i["model"],

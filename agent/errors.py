@@ -25,3 +25,11 @@ class StudySkipped(AgentError):
 
 class ConfigError(PermanentError):
     """The configuration file is invalid; the message names the key."""
+
+
+class JobHeld(AgentError):
+    """A model of the job is paused: the study waits, queued, until it is switched on again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

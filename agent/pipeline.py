@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,16 +13,16 @@ from pydicom.dataset import Dataset
 from agent.db.database import Database
 from agent.db.deliveries import Deliveries
 from agent.db.states import TERMINAL, InvalidTransition, State, Superseded
+from agent.db.switches import ModelSwitches, held, switched_off
 from agent.dicom.files import read_header
 from agent.dicom.uids import output_uids
-from agent.domain import FrameRef, Manifest
+from agent.domain import FrameRef, Manifest, Priority
 from agent.encode.seg import build_seg
 from agent.encode.sr import build_sr
-from agent.errors import PermanentError, RetryableError
+from agent.errors import JobHeld, PermanentError, RetryableError, StudySkipped
 from agent.export.outbox import Outbox
-from agent.inference.models.ct_tissue import DISCLAIMER
-from agent.inference.registry import get_model
-from agent.inference.runner import pick_device, run_model
+from agent.inference.registry import Model, get_model
+from agent.inference.runner import resolve_device, run_model
 from agent.inference.volume import Volume, load_volume
 from agent.logs import log_context, study_key
 from agent.results import ModelResult, has_result, load_result, save_result
@@ -61,12 +61,11 @@ def results_dir(ctx: PipelineContext, job_id: str) -> Path:
     return ctx.layout.job_dir(job_id) / "results"
 
 
-def _device(ctx: PipelineContext, model_name: str) -> torch.device:
-    choice = next(m.device for m in ctx.settings.models if m.name == model_name)
-    if choice == "cuda" and not torch.cuda.is_available():
-        # Retryable: the worker may be on the wrong host, or the driver may come back.
-        raise RetryableError(f"model {model_name} is configured for CUDA, which is not available")
-    return pick_device() if choice == "auto" else torch.device(choice)
+def _model(ctx: PipelineContext, name: str) -> tuple[Model, torch.device]:
+    """The configured model called `name`, loaded (once per process), and its device."""
+    entry = next(m for m in ctx.settings.models if m.name == name)
+    model = get_model(name, entry.package, entry.precision)
+    return model, resolve_device(entry.device, name)
 
 
 def infer(ctx: PipelineContext, job_id: str) -> None:
@@ -75,6 +74,7 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
     with log_context(study=study_key(manifest.study_uid), job=job_id):
         out = results_dir(ctx, job_id)
         state = _current(ctx, manifest)
+        manifest = _runnable(ctx, manifest)
         if all(has_result(out / m) for m in manifest.models):
             # Redelivered after inference had finished, or retried after a failed export:
             # the results stand (same input, same model); go straight to export.
@@ -106,8 +106,8 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
                 loaded.clear()
                 loaded[item.frames] = load_volume(item.frames)
             volume = loaded[item.frames]
-            model = get_model(name)
-            masks, measurements = run_model(model, volume, _device(ctx, name))
+            model, device = _model(ctx, name)
+            masks, measurements = run_model(model, volume, device)
             save_result(
                 out / name,
                 ModelResult(model.identity, model.segments, measurements, masks),
@@ -147,7 +147,7 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
                 frames=frames,
                 series_number=series_number,
                 instance_number=manifest.revision,
-                disclaimer=DISCLAIMER,
+                disclaimer=result.model.intended_use,
             )
             sr = build_sr(
                 source,
@@ -158,7 +158,7 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
                 uids,
                 series_number=series_number + 1,
                 instance_number=manifest.revision,
-                disclaimer=DISCLAIMER,
+                disclaimer=result.model.intended_use,
             )
             for ds, path in ((seg, seg_path), (sr, sr_path)):
                 buffer = _encode_file(ds)
@@ -194,6 +194,7 @@ def export(ctx: PipelineContext, job_id: str) -> None:
     manifest = _manifest(ctx, job_id)
     with log_context(study=study_key(manifest.study_uid), job=job_id):
         _current(ctx, manifest)
+        manifest = _exportable(ctx, manifest)
         files = encode(ctx, manifest)
         outbox = Outbox(Deliveries(ctx.db), ctx.settings.receiver.ae_title)
         report = outbox.deliver(
@@ -240,3 +241,62 @@ def end(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:
             ctx.db.transition(manifest.study_uid, state, reason, expect_job=job_id)
         except (Superseded, InvalidTransition):
             log.info("job no longer current; its end is not recorded")
+
+
+def hold(ctx: PipelineContext, job_id: str, reason: str) -> None:
+    """Put a job's study back to queued, waiting for its paused model (`reason`); the assembler
+    sends the job again once every model of it is on."""
+    manifest = _manifest(ctx, job_id)
+    with log_context(study=study_key(manifest.study_uid), job=job_id):
+        log.info("study %s", reason)
+        try:
+            ctx.db.transition(
+                manifest.study_uid,
+                State.QUEUED,
+                reason,
+                expect_job=job_id,
+                expect_state=[State.QUEUED, State.INFERRING],
+            )
+        except (Superseded, InvalidTransition):
+            log.info("job no longer waiting for inference; not held")
+
+
+def priority(ctx: PipelineContext, job_id: str) -> Priority:
+    """The job's priority, as the assembler decided it (its export follows it)."""
+    return _manifest(ctx, job_id).priority
+
+
+def _runnable(ctx: PipelineContext, manifest: Manifest) -> Manifest:
+    """The job as its models' switches allow now: JobHeld while one of them is paused; without
+    those switched off, and StudySkipped when that leaves none."""
+    states = ModelSwitches(ctx.db).effective(ctx.settings.models)
+    paused = [m for m in manifest.models if states.get(m) == "paused"]
+    if paused:
+        raise JobHeld(held(paused))
+    off = [m for m in manifest.models if states.get(m) == "off"]
+    if not off:
+        return manifest
+    if len(off) == len(manifest.inputs):
+        raise StudySkipped("; ".join(switched_off(m) for m in off))
+    for name in off:
+        log.warning("%s: not run", switched_off(name))
+    return replace(manifest, inputs=tuple(i for i in manifest.inputs if i.model not in off))
+
+
+def _exportable(ctx: PipelineContext, manifest: Manifest) -> Manifest:
+    """The job's inputs whose results go out: not those of a model switched off now (its
+    results are not sent, even if computed before), nor of one that was off when it ran."""
+    states = ModelSwitches(ctx.db).effective(ctx.settings.models)
+    out = results_dir(ctx, manifest.job_id)
+    off = [m for m in manifest.models if states.get(m) == "off"]
+    kept = tuple(i for i in manifest.inputs if i.model not in off and has_result(out / i.model))
+    if len(kept) == len(manifest.inputs):
+        return manifest
+    if not kept and off:
+        raise StudySkipped("; ".join(switched_off(m) for m in off))
+    if not kept:
+        raise PermanentError("no model result to export")
+    for item in manifest.inputs:
+        if item not in kept:
+            log.warning("model %s: no result sent (switched off)", item.model)
+    return replace(manifest, inputs=kept)

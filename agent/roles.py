@@ -69,7 +69,9 @@ def _warm_decoders() -> None:
 def cmd_serve(settings: Settings) -> int:
     from agent.assembly.assembler import Assembler
     from agent.assembly.policy import SystemClock
+    from agent.inference.registry import preload, with_package_rules
     from agent.queue.app import create_app, enqueuer
+    from agent.queue.routing import consumed_queues
     from agent.receive.scp import start_receiver
     from agent.spool.retention import RetentionSweeper
     from agent.spool.watermark import Watermark
@@ -83,12 +85,13 @@ def cmd_serve(settings: Settings) -> int:
         ctx.db,
         ctx.layout,
         quiet_seconds=settings.study.quiet_seconds,
-        models=settings.models,
+        models=with_package_rules(settings.models),
         enqueue=enqueuer(app),
         clock=SystemClock(),
         stale_after=settings.queue.stale_after,
         counts=pulls.counts(),
         verify_after=settings.study.verify_after_seconds,
+        urgent_senders=settings.queue.urgent_senders,
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
     watermark = Watermark.from_settings(settings.spool)
@@ -109,7 +112,8 @@ def cmd_serve(settings: Settings) -> int:
         if settings.queue.embedded:
             log.info("embedded worker on the in-memory broker")
             _warm_decoders()  # the receiver is already listening
-            _run_worker(app, settings, ["gpu", "io"], "serve")
+            preload(settings.models)
+            _run_worker(app, settings, consumed_queues("all"), "serve")
         else:
             _wait_for_signal()
     finally:
@@ -164,19 +168,36 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def cmd_worker(settings: Settings, queue: str) -> int:
+def with_device(settings: Settings, device: str | None) -> Settings:
+    """The settings with `device` for every model whose device is "auto": one worker per GPU
+    on a host with several (`--device cuda:1`), from one configuration file."""
+    if device is None:
+        return settings
+    models = tuple(
+        m.model_copy(update={"device": device}) if m.device == "auto" else m
+        for m in settings.models
+    )
+    return settings.model_copy(update={"models": models})
+
+
+def cmd_worker(settings: Settings, queue: str, device: str | None = None) -> int:
     if settings.queue.embedded:
         raise ConfigError(
             "[queue] broker_url is memory://: the in-memory broker only works inside "
             "`pacs-agent serve`; set broker_url to redis://... for separate workers"
         )
     from agent.queue.app import create_app
+    from agent.queue.routing import consumed_queues
 
+    settings = with_device(settings, device)
     ctx = _context(settings)
     app = create_app(settings, lambda: ctx)
-    queues = ["gpu", "io"] if queue == "all" else [queue]
+    queues = consumed_queues(queue)  # each urgent queue with its normal one
     if "gpu" in queues:
+        from agent.inference.registry import preload
+
         _warm_decoders()
+        preload(settings.models)
     _run_worker(app, settings, queues, f"worker-{queue}")
     return EXIT_OK
 
@@ -193,7 +214,11 @@ def run_role(settings: Settings, args: argparse.Namespace) -> int:
     audit.config_loaded(path, audit.file_digest(path) if path else None, role=role)
     code, reason = EXIT_FAILURE, None
     try:
-        code = cmd_serve(settings) if role == "serve" else cmd_worker(settings, args.queue)
+        code = (
+            cmd_serve(settings)
+            if role == "serve"
+            else cmd_worker(settings, args.queue, args.device)
+        )
     except AgentError as exc:
         reason = str(exc)
         raise

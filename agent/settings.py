@@ -27,6 +27,10 @@ AeTitle = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535)]
 # PS3.5 9.1: dot-separated numeric components without leading zeros, at most 64 characters.
 UidStr = Annotated[str, Field(max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")]
+# A shell-style glob (`*`, `?`, `[...]`), matched case-insensitively against a whole value.
+Pattern = Annotated[str, Field(min_length=1, max_length=200)]
+# A model's switch: run it, hold its studies, or do not run it at all.
+ModelState = Literal["on", "paused", "off"]
 
 
 class _Section(BaseModel):
@@ -239,6 +243,12 @@ class QueueSettings(_Section):
     # Empty: the visibility timeout, after which Redis itself would redeliver an unacknowledged
     # message, and by which any task still running has long been stopped by the time limit.
     stale_after_seconds: Annotated[float, Field(gt=0)] | None = None
+    # Calling AE titles (shell-style globs, case-insensitive) whose studies are urgent, e.g. the
+    # emergency department's CT: their jobs go to the urgent queues, ahead of normal ones.
+    urgent_senders: tuple[Pattern, ...] = ()
+    # While normal jobs wait, at most this many urgent jobs in a row run before one normal job
+    # does, so that a stream of urgent studies never starves the others.
+    urgent_burst: Annotated[int, Field(ge=1)] = 3
 
     @field_validator("broker_url")
     @classmethod
@@ -269,9 +279,6 @@ class QueueSettings(_Section):
 class DatabaseSettings(_Section):
     # Empty means SQLite beside the spool: <spool parent>/pacs-agent.db.
     url: str = ""
-
-
-Pattern = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class SelectRules(_Section):
@@ -305,11 +312,22 @@ class SelectRules(_Section):
 
 class ModelSettings(_Section):
     name: str = "ct-tissue"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "urgent": every study this model takes is urgent (e.g. a stroke model), see [queue].
+    priority: Literal["normal", "urgent"] = "normal"
+    # "off" is the kill switch: the model is not run, and a study with no other model is
+    # skipped. "paused": its studies are sealed and queued but held until it is "on" again.
+    # `pacs-agent models on|pause|off NAME` overrides this at run time, without a restart.
+    state: ModelState = "on"
+    # "auto": the GPU (cuda:0 of those the process sees) when there is one, else the CPU with
+    # a warning; "cuda" or "cuda:N": that GPU or retry later; "cpu". A worker's --device
+    # replaces "auto".
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
     select: SelectRules = SelectRules()
     # A model package (a folder, .zip or .tar with a model.toml, see README "Model packages");
-    # `pacs-agent models list` shows it. Processing does not use it yet: unset for ct-tissue.
+    # unset: the built-in model called `name` (ct-tissue).
     package: Path | None = None
+    # "package": as the package's manifest says; else the network's precision on CUDA.
+    precision: Literal["package", "float32", "float16", "bfloat16"] = "package"
 
 
 class HttpAuth(_Section):

@@ -28,9 +28,15 @@ def test_check_config_reports_each_part(orthanc: Orthanc, tmp_path: Path, redis_
             (orthanc.aet, "127.0.0.1", orthanc.dicom_port),
             ("NOBODY", "127.0.0.1", dead),
         ],
+        extra=(
+            '[[models]]\nname = "ct-tissue"\n'
+            f'[[models]]\nname = "organs"\npackage = "{tmp_path / "no-such-package"}"\n'
+        ),
     )
     result = cli("check-config", "--config", str(config))
     lines = result.stdout.splitlines()
+    assert "ok    model ct-tissue" in lines
+    assert any(line.startswith("FAIL  model organs: ") for line in lines)
     assert result.returncode == 1, result.stdout + result.stderr
     assert any(line.startswith("ok    spool") for line in lines)
     assert any(line.startswith("ok    database") for line in lines)
@@ -213,10 +219,56 @@ def test_models_list_shows_the_built_in_and_packages(tmp_path: Path) -> None:
     result = cli("models", "list", "--config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
-        "ok    ct-tissue: built-in",
-        f"ok    organs: package tiny-unet 0.1.0, {(tmp_path / 'pkg').resolve()}",
+        "ok    ct-tissue: built-in; state on",
+        f"ok    organs: package tiny-unet 0.1.0, {(tmp_path / 'pkg').resolve()}; state on",
     ]
     (tmp_path / "pkg" / "model.toml").write_text("manifest_version = 1\n")
     broken = cli("models", "list", "--config", str(config))
     assert broken.returncode == 1
     assert "FAIL  organs: " in broken.stdout and "'model'" in broken.stdout
+
+
+def test_models_are_switched_at_run_time_and_listed_with_their_state(
+    tmp_path: Path, database_url: str
+) -> None:
+    from agent.db.database import Database
+    from agent.db.switches import ModelSwitches
+    from agent.settings import load_settings
+
+    extra = '[[models]]\nname = "ct-tissue"\n[[models]]\nname = "stroke"\nstate = "paused"\n'
+    config = write_config(tmp_path, port=free_port(), database_url=database_url, extra=extra)
+
+    def models(*args: str) -> list[str]:
+        result = cli("models", *args, "--config", str(config))
+        assert result.returncode in (0, 1), result.stderr
+        return result.stdout.splitlines()
+
+    def effective() -> dict[str, str]:
+        db = Database(database_url)
+        try:
+            return dict(ModelSwitches(db).effective(load_settings(config).models))
+        finally:
+            db.dispose()
+
+    assert models("off", "ct-tissue") == ["ct-tissue: off (configured on; `models reset` undoes)"]
+    assert models("on", "stroke") == ["stroke: on (configured paused; `models reset` undoes)"]
+    assert effective() == {"ct-tissue": "off", "stroke": "on"}
+    assert models("list") == [
+        "ok    ct-tissue: built-in; state off (switched at run time; configured on)",
+        "FAIL  stroke: no built-in model of this name and no package;"
+        " state on (switched at run time; configured paused)",
+    ]
+    assert models("pause", "ct-tissue") == [
+        "ct-tissue: paused (configured on; `models reset` undoes)"
+    ]
+    assert models("reset", "stroke") == ["stroke: paused, as configured"]
+    assert models("reset", "stroke") == ["stroke: paused, as configured (no override was set)"]
+    assert effective() == {"ct-tissue": "paused", "stroke": "paused"}
+
+    typo = cli("models", "off", "ct-tisue", "--config", str(config))
+    assert typo.returncode == 1
+    assert typo.stderr.strip() == (
+        "pacs-agent: no model named 'ct-tisue' in the configuration (models: ct-tissue, stroke)"
+    )
+    # Without --config the switch would go to some other database and do nothing.
+    assert cli("models", "off", "ct-tissue").returncode == 2

@@ -51,6 +51,8 @@ def test_forward_path_and_terminal_states() -> None:
         assert allowed(state, State.RECEIVING)  # a late instance reopens any study
     assert allowed(State.INFERRING, State.FAILED)
     assert allowed(State.COMPLETE, State.SKIPPED)
+    assert allowed(State.INFERRING, State.QUEUED)  # held: its model was paused meanwhile
+    assert not allowed(State.EXPORTING, State.QUEUED)
 
 
 def test_arrivals_group_by_study_and_count_once(db: Database) -> None:
@@ -172,3 +174,26 @@ def test_schema_of_an_older_version_gains_the_new_columns(database_url: str) -> 
         assert (study.revision, study.input_digest, study.done_digest) == (0, "", "")
     finally:
         db.dispose()
+
+
+def test_model_switch_overrides_replace_and_reset(db: Database) -> None:
+    from sqlalchemy import insert
+
+    from agent.db.schema import ModelSwitch
+    from agent.db.switches import ModelSwitches
+    from agent.settings import ModelSettings
+
+    models = (ModelSettings(name="a"), ModelSettings(name="b", state="paused"))
+    switches = ModelSwitches(db)
+    assert switches.overrides() == {}
+    assert switches.effective(models) == {"a": "on", "b": "paused"}
+    switches.set("a", "paused")
+    switches.set("a", "off")  # replaces, one row per model
+    switches.set("b", "on")
+    assert switches.overrides() == {"a": "off", "b": "on"}
+    assert switches.effective(models) == {"a": "off", "b": "on"}
+    assert switches.reset("b") and not switches.reset("b")
+    assert switches.effective(models) == {"a": "off", "b": "paused"}
+    with db.session() as s, s.begin():  # a state some later version wrote
+        s.execute(insert(ModelSwitch).values(name="b", state="draining", changed_at=T0))
+    assert switches.effective(models) == {"a": "off", "b": "paused"}

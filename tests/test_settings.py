@@ -64,6 +64,10 @@ def test_every_settings_key_is_documented_in_the_example() -> None:
             "bearer auth needs token",
         ),
         ("[[models]]\nname='x'\ndevice='tpu'\n", "'models.0.device'"),
+        ("[[models]]\nname='x'\nstate='stopped'\n", "'models.0.state'"),
+        ("[[models]]\nname='x'\npriority='high'\n", "'models.0.priority'"),
+        ("[queue]\nurgent_burst = 0\n", "'queue.urgent_burst'"),
+        ("[queue]\nurgent_senders = ['']\n", "'queue.urgent_senders.0'"),
         ("bogus = 1\n", "unknown key 'bogus'"),
         ("[receiver\n", "not valid TOML"),
     ],
@@ -83,6 +87,24 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     settings = load_settings(path)
     assert settings.spool.path == tmp_path / "data" / "spool"
     assert settings.database_url == f"sqlite:///{tmp_path / 'db' / 'agent.db'}"
+
+
+def test_priorities_and_model_switches(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "[queue]\nurgent_senders = ['ED_CT*']\nurgent_burst = 5\n"
+        "[[models]]\nname = 'ct-tissue'\n"
+        "[[models]]\nname = 'stroke'\npriority = 'urgent'\nstate = 'paused'\n"
+        "[[models]]\nname = 'old'\nstate = 'off'\n",
+    )
+    settings = load_settings(path)
+    assert settings.queue.urgent_senders == ("ED_CT*",)
+    assert settings.queue.urgent_burst == 5
+    assert [(m.name, m.priority, m.state) for m in settings.models] == [
+        ("ct-tissue", "normal", "on"),
+        ("stroke", "urgent", "paused"),
+        ("old", "normal", "off"),
+    ]
 
 
 def test_settings_are_frozen() -> None:

@@ -19,11 +19,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
+from agent.assembly.admission import paused, study_priority, without_switched_off
 from agent.assembly.policy import Clock, is_complete
 from agent.assembly.rules import select
 from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
+from agent.db.switches import HELD, ModelSwitches, held
 from agent.db.values import ArrivedInstance
 from agent.dicom.files import read_header
 from agent.domain import Manifest, ModelInput
@@ -81,6 +83,10 @@ class Assembler:
     With `counts`, a study pushed by a sender that a source verifies is sealed as soon as its
     instance count equals the source's, asked after `verify_after` quiet seconds, then after
     twice and four times as long and so on: a few questions per silence, never one per tick.
+
+    A study from one of `urgent_senders` (calling AE title globs), or taken by an urgent model,
+    gets an urgent job. A model switched off takes nothing; a job with a paused model is held,
+    queued but not sent, until every model of it is on again (`retry_waiting`).
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class Assembler:
         stale_after: float | None = None,
         counts: SourceCounts | None = None,
         verify_after: float = 2.0,
+        urgent_senders: Sequence[str] = (),
     ) -> None:
         self._db = db
         self._layout = layout
@@ -107,6 +114,10 @@ class Assembler:
         self._stale_after = stale_after
         self._counts = counts
         self._verify_after = verify_after
+        self._urgent_senders = tuple(urgent_senders)
+        self._switches = ModelSwitches(db)
+        # The models of each job waiting in `queued`, read once from its manifest.
+        self._job_models: dict[str, tuple[str, ...]] = {}
         self._checks: dict[str, _CountCheck] = {}
         # When this process last sent each in-flight job again, so it waits `stale_after` anew.
         self._resent: dict[str, datetime] = {}
@@ -143,7 +154,8 @@ class Assembler:
             self._db.record_arrivals(found)
         states = IN_FLIGHT if requeue_in_flight else frozenset({State.QUEUED})
         for study in self._db.in_states(states):
-            if study.job_id is not None:
+            # A held job is sent by the loop, once its models are on (`retry_waiting`).
+            if study.job_id is not None and not study.reason.startswith(HELD):
                 self._send(study.study_uid, study.study_key, study.job_id)
                 self._resent[study.job_id] = self._resumed_at
         for study in self._db.in_states([State.COMPLETE]):
@@ -248,12 +260,25 @@ class Assembler:
         return ""
 
     def retry_waiting(self) -> None:
-        for study in self._db.in_states([State.QUEUED]):
-            waiting = (
-                study.reason.startswith((WAITING_FOR_BROKER, RETRY_REQUESTED))
-                and study.job_id is not None
-            )
-            if waiting and self._send(study.study_uid, study.study_key, str(study.job_id)):
+        """Send the queued jobs that wait: for the broker, for `pacs-agent retry`, or (held) for
+        a paused model, once all of theirs are on; one that is to wait for a model is held."""
+        waiting = [
+            study
+            for study in self._db.in_states([State.QUEUED])
+            if study.reason.startswith((WAITING_FOR_BROKER, RETRY_REQUESTED, HELD))
+            and study.job_id is not None
+        ]
+        jobs = {str(study.job_id) for study in waiting}
+        self._job_models = {j: m for j, m in self._job_models.items() if j in jobs}
+        if not waiting:
+            return
+        states = self._switches.effective(self._models)
+        for study in waiting:
+            job_id = str(study.job_id)
+            waits_for = paused(self._models_of(job_id), states)
+            if waits_for:
+                self._hold(study, job_id, held(waits_for))
+            elif self._send(study.study_uid, study.study_key, job_id):
                 # A worker may already have moved it on.
                 with contextlib.suppress(InvalidTransition, Superseded):
                     self._db.transition(
@@ -278,7 +303,7 @@ class Assembler:
         stuck = [
             s
             for s in self._db.in_states(IN_FLIGHT)
-            if s.job_id is not None and not s.reason.startswith(WAITING_FOR_BROKER)
+            if s.job_id is not None and not s.reason.startswith((WAITING_FOR_BROKER, HELD))
         ]
         self._resent = {s.job_id: self._resent[s.job_id] for s in stuck if s.job_id in self._resent}
         for study in stuck:
@@ -313,7 +338,8 @@ class Assembler:
                 if why:
                     log.info("study sealed: %s", why)
             headers = _readable_headers(paths)
-            choices = select(headers, self._models)
+            states = self._switches.effective(self._models)
+            choices = without_switched_off(select(headers, self._models), states)
             inputs = tuple(c.input for c in choices if c.input is not None)
             if not inputs:
                 reason = "; ".join(c.reason for c in choices)
@@ -340,20 +366,29 @@ class Assembler:
             revision = study.revision if digest == study.input_digest else study.revision + 1
             revision = max(revision, 1)
             job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
-            manifest = Manifest(job_id, study.study_uid, inputs, revision)
+            sender = self._sender(study) if self._urgent_senders else ""
+            priority, urgent = study_priority(inputs, self._models, sender, self._urgent_senders)
+            manifest = Manifest(job_id, study.study_uid, inputs, revision, priority)
             manifest_path = self._layout.manifest_path(job_id)
             write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
             summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
+            if urgent:
+                summary += f"; urgent ({urgent})"
+            waits_for = paused(manifest.models, states)
             self._db.transition(
                 study.study_uid,
                 State.QUEUED,
-                summary,
+                held(waits_for) if waits_for else summary,
                 job_id=job_id,
                 expect_state=[State.COMPLETE],
                 input_digest=digest,
                 revision=revision,
             )
             log.info("study complete: %s, revision %d, job %s", summary, revision, job_id)
+            if waits_for:
+                self._job_models[job_id] = manifest.models
+                log.info("study %s", held(waits_for))
+                return
             self._send(study.study_uid, study.study_key, job_id)
 
     def _send(self, study_uid: str, key: str, job_id: str) -> bool:
@@ -372,6 +407,35 @@ class Assembler:
                     )
                 return False
             return True
+
+    def _hold(self, study: Study, job_id: str, reason: str) -> None:
+        """Keep a queued job from the broker while a model of it is paused, saying so once."""
+        if study.reason == reason:
+            return
+        with (
+            log_context(study=study.study_key, job=job_id),
+            contextlib.suppress(InvalidTransition, Superseded),
+        ):
+            self._db.transition(
+                study.study_uid,
+                State.QUEUED,
+                reason,
+                expect_job=job_id,
+                expect_state=[State.QUEUED],
+            )
+            log.info("study %s", reason)
+
+    def _models_of(self, job_id: str) -> tuple[str, ...]:
+        """The models of a job, from its manifest (read once); none when it cannot be read,
+        and then the job is sent and the worker, reading it in turn, decides."""
+        if job_id not in self._job_models:
+            try:
+                manifest = Manifest.from_json(self._layout.manifest_path(job_id).read_text())
+                self._job_models[job_id] = manifest.models
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("job %s: manifest unreadable (%s)", job_id, type(exc).__name__)
+                self._job_models[job_id] = ()
+        return self._job_models[job_id]
 
     def _db_reason_is_waiting(self, study_uid: str) -> bool:
         study = self._db.get(study_uid)

@@ -1,4 +1,4 @@
-"""The study and delivery tables (SQLAlchemy models), their creation, additive migration."""
+"""The database tables (SQLAlchemy models), their creation, additive migration."""
 
 from __future__ import annotations
 
@@ -161,6 +161,16 @@ class SourceStudy(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
     last_error: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ModelSwitch(Base):
+    """An operator's run-time override of a model's configured state: on, paused or off."""
+
+    __tablename__ = "model_switch"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    changed_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 def create_schema(engine: Engine) -> None:

@@ -30,7 +30,8 @@ _FORWARD: dict[State, frozenset[State]] = {
     # QUEUED -> QUEUED records that the broker could not take the job yet.
     State.QUEUED: frozenset({State.QUEUED, State.INFERRING}),
     # INFERRING -> INFERRING: a redelivered task (acks_late after a worker died) starts over.
-    State.INFERRING: frozenset({State.INFERRING, State.EXPORTING}),
+    # INFERRING -> QUEUED: a retried or redelivered job whose model has since been paused waits.
+    State.INFERRING: frozenset({State.INFERRING, State.EXPORTING, State.QUEUED}),
     # EXPORTING -> EXPORTING records a retry with its reason.
     State.EXPORTING: frozenset({State.DONE, State.EXPORTING}),
     # `pacs-agent retry`: the failed job is queued again (its results and outbox are reused).

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from agent.domain import Manifest, Priority
 from agent.errors import RetryableError
 from agent.pipeline import PipelineContext
+from agent.queue.fair import MemoryTransport, urgent_first
+from agent.queue.routing import GPU, IO, queue_for
 from agent.settings import Settings
+
+log = logging.getLogger(__name__)
 
 INFER = "pacs_agent.infer"
 EXPORT = "pacs_agent.export"
-QUEUES = {"gpu": INFER, "io": EXPORT}
+QUEUES = {GPU: INFER, IO: EXPORT}
 
 
 def create_app(settings: Settings, context: Callable[[], PipelineContext]) -> Celery:
@@ -26,6 +32,8 @@ def create_app(settings: Settings, context: Callable[[], PipelineContext]) -> Ce
     broker = "memory://localhost/" if settings.queue.embedded else settings.queue.broker_url
     app = Celery("pacs_agent", broker=broker, set_as_current=False)
     app.conf.update(
+        # The in-memory transport with the queue order Redis gets from queue_order_strategy.
+        **({"broker_transport": MemoryTransport} if settings.queue.embedded else {}),
         task_acks_late=True,
         # A worker killed mid-task (OOM, node loss) leaves the message to be redelivered.
         task_reject_on_worker_lost=True,
@@ -41,9 +49,12 @@ def create_app(settings: Settings, context: Callable[[], PipelineContext]) -> Ce
             # The in-memory transport polls (Redis blocks on BRPOP instead); its 1 s default
             # would add up to a second to every hand-over between tasks.
             **({"polling_interval": 0.05} if settings.queue.embedded else {}),
+            # Urgent queues first, a normal job after at most urgent_burst urgent ones in a row.
+            "queue_order_strategy": urgent_first(settings.queue.urgent_burst),
         },
-        task_routes={INFER: {"queue": "gpu"}, EXPORT: {"queue": "io"}},
-        task_default_queue="io",
+        # Normal priority by default; the enqueuer and the infer task name the queue.
+        task_routes={INFER: {"queue": GPU}, EXPORT: {"queue": IO}},
+        task_default_queue=IO,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
@@ -57,12 +68,24 @@ def create_app(settings: Settings, context: Callable[[], PipelineContext]) -> Ce
 
 
 def enqueuer(app: Celery) -> Callable[[str, Path], None]:
-    """The assembler's way to hand a job to the GPU queue; RetryableError if the broker is down."""
+    """The assembler's way to hand a job to the GPU queue its manifest's priority names;
+    RetryableError if the broker is down."""
 
     def enqueue(job_id: str, manifest_path: Path) -> None:
+        queue = queue_for(GPU, _priority(manifest_path))
         try:
-            app.send_task(INFER, args=[job_id], queue="gpu")
+            app.send_task(INFER, args=[job_id], queue=queue)
         except (OperationalError, OSError) as exc:
             raise RetryableError(f"broker unavailable ({type(exc).__name__})") from exc
 
     return enqueue
+
+
+def _priority(manifest_path: Path) -> Priority:
+    """The job's priority; normal when its manifest cannot be read, so that the job still
+    reaches a worker, which ends it with the reason (as it would have without priorities)."""
+    try:
+        return Manifest.from_json(manifest_path.read_text()).priority
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("job manifest unreadable (%s): sent as normal", type(exc).__name__)
+        return Priority.NORMAL

@@ -10,7 +10,7 @@ from celery import Celery, Task
 
 from agent import pipeline
 from agent.db.states import State, Superseded
-from agent.errors import PermanentError, RetryableError, StudySkipped
+from agent.errors import JobHeld, PermanentError, RetryableError, StudySkipped
 from agent.pipeline import ExportFailed, ExportPending, PipelineContext
 from agent.settings import QueueSettings, Settings
 
@@ -47,16 +47,22 @@ def _retry_or_fail(
 
 def register_tasks(app: Celery, settings: Settings, context: Callable[[], PipelineContext]) -> None:
     from agent.queue.app import EXPORT, INFER
+    from agent.queue.routing import IO, queue_for
 
     q = settings.queue
 
-    @app.task(name=INFER, bind=True, acks_late=True, max_retries=q.max_retries)
+    # shared=False: a shared task is also given to every app created later in the process.
+    @app.task(name=INFER, bind=True, acks_late=True, max_retries=q.max_retries, shared=False)
     def infer(self: Task[Any, Any], job_id: str) -> None:
         ctx = context()
         try:
             pipeline.infer(ctx, job_id)
         except Superseded:
             log.info("job %s superseded or already finished", job_id)
+            return
+        except JobHeld as held:
+            # Acknowledged, not retried: the assembler sends the job again once it may run.
+            pipeline.hold(ctx, job_id, held.reason)
             return
         except StudySkipped as skip:
             pipeline.end(ctx, job_id, State.SKIPPED, skip.reason)
@@ -73,16 +79,20 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
                 ctx, job_id, State.FAILED, f"inference: internal error {type(exc).__name__}"
             )
             return
-        self.app.send_task(EXPORT, args=[job_id], queue="io")
+        # An urgent study's export is urgent too, on the io worker.
+        export_queue = queue_for(IO, pipeline.priority(ctx, job_id))
+        self.app.send_task(EXPORT, args=[job_id], queue=export_queue)
 
     # No retry count: each destination's ceiling (give_up_after_hours) ends an export.
-    @app.task(name=EXPORT, bind=True, acks_late=True, max_retries=None)
+    @app.task(name=EXPORT, bind=True, acks_late=True, max_retries=None, shared=False)
     def export(self: Task[Any, Any], job_id: str) -> None:
         ctx = context()
         try:
             pipeline.export(ctx, job_id)
         except Superseded:
             log.info("job %s superseded or already finished", job_id)
+        except StudySkipped as skip:  # every model of the job switched off since its inference
+            pipeline.end(ctx, job_id, State.SKIPPED, skip.reason)
         except ExportPending as exc:
             # Held as an ETA message: keep it under the broker's redelivery timeout.
             countdown = min(exc.retry_in, float(q.task_time_limit_seconds))
