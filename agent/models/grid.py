@@ -3,6 +3,7 @@ and the way back to the source grid, as torch operations on whatever device the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,3 +96,54 @@ def resample(tensor: torch.Tensor, shape: Shape3) -> torch.Tensor:
     source = tensor if tensor.is_floating_point() else tensor.float()
     out = F.interpolate(source[None], size=shape, mode="trilinear", align_corners=False)
     return out[0]
+
+
+# Host or device memory a slab of resampled channels may take: the whole source grid for every
+# channel would be 33 GB for 105 labels on a 300x512x512 CT.
+SLAB_BYTES = 256 * 2**20
+
+
+def resampled_slabs(tensor: torch.Tensor, shape: Shape3) -> Iterator[tuple[int, torch.Tensor]]:
+    """(K, z, y, x) trilinearly resampled to `shape` as F.interpolate does (voxel centres
+    aligned), a slab of output z planes at a time: (first z, (K, n, y, x) float32).
+
+    Trilinear is bilinear in-plane and then linear along z, so each source plane is resampled
+    in-plane once and each output plane is the blend of two of them: memory stays at a few
+    planes per channel, not the whole output grid per channel.
+    """
+    channels, depth = int(tensor.shape[0]), int(tensor.shape[1])
+    out_z, out_y, out_x = shape
+    same_plane = tuple(tensor.shape[2:]) == (out_y, out_x)
+
+    def plane(j: int) -> torch.Tensor:
+        source = tensor[:, j].float()
+        if same_plane:
+            return source
+        size = (out_y, out_x)
+        return F.interpolate(source[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    plane_bytes = channels * out_y * out_x * 4
+    slab = max(1, min(out_z, SLAB_BYTES // max(plane_bytes, 1)))
+    scale = depth / out_z
+    planes: dict[int, torch.Tensor] = {}
+    for first in range(0, out_z, slab):
+        count = min(slab, out_z - first)
+        out = torch.empty(
+            (channels, count, out_y, out_x), dtype=torch.float32, device=tensor.device
+        )
+        for i in range(first, first + count):
+            # PyTorch's source index for align_corners=False, clamped at the first plane.
+            position = max((i + 0.5) * scale - 0.5, 0.0)
+            low = min(int(position), depth - 1)
+            high = min(low + 1, depth - 1)
+            weight = position - low
+            for j in (low, high):
+                if j not in planes:
+                    planes[j] = plane(j)
+            for j in [k for k in planes if k < low]:
+                del planes[j]
+            if high == low or weight == 0.0:
+                out[:, i - first] = planes[low]
+            else:
+                torch.lerp(planes[low], planes[high], weight, out=out[:, i - first])
+        yield first, out

@@ -17,7 +17,7 @@ import torch
 from agent.domain import ModelIdentity, SegmentSpec
 from agent.errors import PermanentError
 from agent.inference.volume import Volume
-from agent.models.grid import reorientation, resample, resampled_shape
+from agent.models.grid import reorientation, resample, resampled_shape, resampled_slabs
 from agent.models.intensity import preprocess_intensity
 from agent.models.manifest import PackageManifest
 from agent.models.package import ModelPackage, Network
@@ -202,22 +202,29 @@ def _masks(
 ) -> torch.Tensor:
     """Bool (outputs, z, y, x) on the oriented source grid `shape`."""
     indices = [o.index for o in manifest.outputs]
+    argmax = False
     if scores.dtype == torch.bool:
-        picked = scores[[i - 1 for i in indices]]
-        if tuple(picked.shape[1:]) != shape:
-            picked = resample(picked.to(torch.float16), shape) >= 0.5
-        return picked
-    if not bool(torch.isfinite(scores).all()):
+        # Masks from the network: a voxel of the source grid is in where it is at least half in.
+        values, threshold = scores[[i - 1 for i in indices]], 0.5 - 1e-6
+    elif not bool(torch.isfinite(scores).all()):
         raise NetworkFailed("the network gave NaN or infinite scores")
-    if manifest.inference.activation == "sigmoid":
-        probabilities = torch.sigmoid(scores[[i - 1 for i in indices]].float())
-        return resample(probabilities, shape) > 0.5
-    # Softmax: resample the probabilities, not the labels (as nnU-Net does), then take the
-    # most likely class on the source grid.
-    probabilities = torch.softmax(scores.float(), dim=0)
+    elif manifest.inference.activation == "sigmoid":
+        values, threshold = torch.sigmoid(scores[[i - 1 for i in indices]].float()), 0.5
+    else:
+        # Softmax: resample the probabilities, not the labels (as nnU-Net does), then take
+        # the most likely class on the source grid.
+        values, threshold, argmax = torch.softmax(scores.float(), dim=0), 0.0, True
     del scores
-    labels = resample(probabilities, shape).argmax(dim=0)
-    return torch.stack([labels == i for i in indices])
+    masks = torch.empty((len(indices), *shape), dtype=torch.bool, device=values.device)
+    for first, slab in resampled_slabs(values, shape):
+        part = masks[:, first : first + slab.shape[1]]
+        if argmax:
+            labels = slab.argmax(dim=0)
+            for k, index in enumerate(indices):
+                torch.eq(labels, index, out=part[k])
+        else:
+            torch.gt(slab, threshold, out=part)
+    return masks
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

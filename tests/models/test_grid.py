@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.models.grid import Reorientation, reorientation, resample, resampled_shape
+from agent.models.grid import (
+    Reorientation,
+    reorientation,
+    resample,
+    resampled_shape,
+    resampled_slabs,
+)
 
 AXIAL = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 # Rows towards the back, columns towards the feet, slices towards the right (as a scanner
@@ -72,3 +78,27 @@ def test_resample_round_trip_keeps_a_smooth_volume() -> None:
     inner = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
     assert torch.allclose(back[inner], volume[inner], atol=0.03)
     assert resample(volume, (20, 40, 40)) is volume
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ((7, 9, 11), (13, 5, 11)),
+        ((20, 8, 8), (9, 16, 16)),
+        ((5, 6, 7), (5, 6, 7)),
+        ((1, 4, 4), (3, 4, 4)),
+    ],
+    ids=["mixed", "down-z up-yx", "same", "one plane"],
+)
+def test_slabs_are_trilinear(
+    source: tuple[int, int, int], target: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.models import grid
+
+    monkeypatch.setattr(grid, "SLAB_BYTES", 3 * target[1] * target[2] * 4 * 4)  # 4 planes
+    tensor = torch.rand((3, *source), generator=torch.Generator().manual_seed(0))
+    expected = resample(tensor, target)
+    pieces = list(resampled_slabs(tensor, target))
+    assert [first for first, _ in pieces] == list(range(0, target[0], 4))
+    got = torch.cat([slab for _, slab in pieces], dim=1)
+    assert torch.allclose(got, expected, atol=1e-5)
