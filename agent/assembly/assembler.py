@@ -1,41 +1,31 @@
-"""The assembler thread: records arrivals, seals quiet studies, writes manifests, enqueues jobs."""
+"""The assembler thread: records arrivals, decides when to seal a study, sends or holds its job."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import queue
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
 
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-
-from agent.assembly.admission import paused, study_priority, without_switched_off
+from agent.assembly.admission import paused
+from agent.assembly.counts import CountCheck, SourceCounts
 from agent.assembly.policy import Clock, is_complete
-from agent.assembly.rules import select
+from agent.assembly.sealing import PULLED_FROM, Sealer
 from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
 from agent.db.switches import HELD, ModelSwitches, held
 from agent.db.values import ArrivedInstance
-from agent.dicom.files import read_header
-from agent.domain import Manifest, ModelInput
-from agent.errors import PermanentError, RetryableError
+from agent.domain import Manifest
+from agent.errors import RetryableError
 from agent.logs import log_context
 from agent.periodic import Periodic
 from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import clear_partial_writes, unknown_instances
-from agent.spool.writer import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +33,16 @@ Enqueue = Callable[[str, Path], None]
 WAITING_FOR_BROKER = "waiting for broker"
 # Set by `pacs-agent retry` on a failed study; the running service sends its job again.
 RETRY_REQUESTED = "retry requested"
-# Set by a pull (`pacs-agent submit`, the poller, the HTTP API) on the study it has retrieved
-# whole: sealed at the next tick, and processed even when its input is unchanged.
-PULLED_FROM = "pulled from"
-# Why a study was sealed, as its `complete` transition records it.
+# Why a study was sealed, as its `complete` transition records it (or COUNTS_MATCHED, counts.py).
 QUIET_PERIOD = "quiet period"
-COUNTS_MATCHED = "counts matched"
 # Arrivals are written to the database in batches gathered for at most this long; the quiet
 # period is measured from each instance's own arrival time, so batching does not delay it.
 BATCH_SECONDS = 0.5
 BATCH_MAX = 2000
 
 
-class SourceCounts(Protocol):
-    """Asks the archive a sender also stores to how many instances a study has there."""
-
-    def expected(self, study_uid: str, calling_ae_title: str) -> tuple[str, int] | None:
-        """(source name, NumberOfStudyRelatedInstances), or None when no source verifies
-        this sender, the source lacks the study or cannot be asked now. Never raises."""
-
-
-@dataclass
-class _CountCheck:
-    """When a quiet study is next asked about, for its current silence."""
-
-    last_arrival: datetime
-    due_after: float
-    sender: str | None = None
-
-
 class Assembler:
-    """Owns every write of arrivals and of receiving -> complete -> queued.
+    """Owns every write of arrivals and of receiving -> complete -> queued (through a `Sealer`).
 
     The receiver only puts arrivals on an in-memory queue, so a C-STORE never waits on the
     database; the spool scan at start recovers anything acknowledged but not yet recorded.
@@ -112,13 +81,11 @@ class Assembler:
         self._clock = clock
         self._tick = tick_seconds if tick_seconds is not None else min(1.0, quiet_seconds / 4)
         self._stale_after = stale_after
-        self._counts = counts
-        self._verify_after = verify_after
-        self._urgent_senders = tuple(urgent_senders)
+        self._counts = CountCheck(db, counts, verify_after) if counts is not None else None
         self._switches = ModelSwitches(db)
+        self._sealer = Sealer(db, layout, models, self._switches, tuple(urgent_senders))
         # The models of each job waiting in `queued`, read once from its manifest.
         self._job_models: dict[str, tuple[str, ...]] = {}
-        self._checks: dict[str, _CountCheck] = {}
         # When this process last sent each in-flight job again, so it waits `stale_after` anew.
         self._resent: dict[str, datetime] = {}
         # The quiet period counts only while this process listens (see `resume`).
@@ -202,9 +169,8 @@ class Assembler:
     def seal_quiet_studies(self) -> None:
         now = self._clock.now()
         receiving = self._db.in_states([State.RECEIVING])
-        self._checks = {
-            s.study_uid: self._checks[s.study_uid] for s in receiving if s.study_uid in self._checks
-        }
+        if self._counts is not None:
+            self._counts.keep_only(receiving)
         for study in receiving:
             if study.reason.startswith(PULLED_FROM):
                 self._seal(study, study.reason.split(":", 1)[0])
@@ -215,49 +181,9 @@ class Assembler:
             if is_complete(last, now, self._quiet):
                 self._seal(study, QUIET_PERIOD)
             elif self._counts is not None:
-                matched = self._counts_matched(study, last, now)
+                matched = self._counts.matched(study, last, now)
                 if matched is not None:
                     self._seal(study, matched)
-
-    def _counts_matched(self, study: Study, last: datetime, now: datetime) -> str | None:
-        """ "counts matched (...)" when the study's source lists as many instances as we hold."""
-        assert self._counts is not None
-        check = self._checks.get(study.study_uid)
-        if check is None or check.last_arrival != last:
-            sender = check.sender if check is not None else None
-            check = _CountCheck(last, self._verify_after, sender)
-            self._checks[study.study_uid] = check
-        if (now - last).total_seconds() < check.due_after:
-            return None
-        check.due_after *= 2
-        if check.sender is None:
-            check.sender = self._sender(study)
-        if not check.sender:
-            return None
-        with log_context(study=study.study_key):
-            answer = self._counts.expected(study.study_uid, check.sender)
-            if answer is None:
-                return None
-            source, expected = answer
-            if study.instance_count != expected:
-                log.info(
-                    "%d of the %d instances %s holds are here; waiting",
-                    study.instance_count,
-                    expected,
-                    source,
-                )
-                return None
-        return f"{COUNTS_MATCHED} ({study.instance_count} of {expected} at {source})"
-
-    def _sender(self, study: Study) -> str:
-        """The calling AE title the receiver recorded in one of the study's files ("": none)."""
-        for path in self._db.instance_paths(study.id):
-            try:
-                meta = read_file_meta_info(path)
-            except (OSError, InvalidDicomError, ValueError):
-                continue
-            return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
-        return ""
 
     def retry_waiting(self) -> None:
         """Send the queued jobs that wait: for the broker, for `pacs-agent retry`, or (held) for
@@ -326,70 +252,14 @@ class Assembler:
 
     def _seal(self, study: Study, why: str = "") -> None:
         with log_context(study=study.study_key):
-            paths = [p for p in self._db.instance_paths(study.id) if p.exists()]
-            if study.state == State.RECEIVING:
-                count = f"{len(paths)} instances"
-                self._db.transition(
-                    study.study_uid,
-                    State.COMPLETE,
-                    f"{why}; {count}" if why else count,
-                    expect_state=[State.RECEIVING],
-                )
-                if why:
-                    log.info("study sealed: %s", why)
-            headers = _readable_headers(paths)
-            states = self._switches.effective(self._models)
-            choices = without_switched_off(select(headers, self._models), states)
-            inputs = tuple(c.input for c in choices if c.input is not None)
-            if not inputs:
-                reason = "; ".join(c.reason for c in choices)
-                log.info("study skipped: %s", reason)
-                self._db.transition(study.study_uid, State.SKIPPED, reason)
+            job = self._sealer.seal(study, why)
+            if job is None:
                 return
-            for choice in choices:
-                if choice.input is None:
-                    log.info("model not run: %s", choice.reason)
-            digest = input_digest(inputs, headers)
-            # A pull is a request to process: it runs again even with the same input (the
-            # same output UIDs, so the PACS keeps one copy of each object).
-            if digest == study.done_digest and not why.startswith(PULLED_FROM):
-                # Late arrivals outside every model's input (an SR, a re-sent instance):
-                # the results already sent stand, and nothing new is produced.
-                self._db.transition(
-                    study.study_uid,
-                    State.DONE,
-                    f"input unchanged; results of revision {study.revision} stand",
-                    expect_state=[State.COMPLETE],
-                )
-                log.info("study complete again with an unchanged input; nothing to do")
+            if job.waits_for:
+                self._job_models[job.job_id] = job.models
+                log.info("study %s", held(job.waits_for))
                 return
-            revision = study.revision if digest == study.input_digest else study.revision + 1
-            revision = max(revision, 1)
-            job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
-            sender = self._sender(study) if self._urgent_senders else ""
-            priority, urgent = study_priority(inputs, self._models, sender, self._urgent_senders)
-            manifest = Manifest(job_id, study.study_uid, inputs, revision, priority)
-            manifest_path = self._layout.manifest_path(job_id)
-            write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
-            summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
-            if urgent:
-                summary += f"; urgent ({urgent})"
-            waits_for = paused(manifest.models, states)
-            self._db.transition(
-                study.study_uid,
-                State.QUEUED,
-                held(waits_for) if waits_for else summary,
-                job_id=job_id,
-                expect_state=[State.COMPLETE],
-                input_digest=digest,
-                revision=revision,
-            )
-            log.info("study complete: %s, revision %d, job %s", summary, revision, job_id)
-            if waits_for:
-                self._job_models[job_id] = manifest.models
-                log.info("study %s", held(waits_for))
-                return
-            self._send(study.study_uid, study.study_key, job_id)
+            self._send(study.study_uid, study.study_key, job.job_id)
 
     def _send(self, study_uid: str, key: str, job_id: str) -> bool:
         with log_context(study=key, job=job_id):
@@ -442,34 +312,6 @@ class Assembler:
         return study is not None and study.reason.startswith(WAITING_FOR_BROKER)
 
 
-def input_digest(inputs: Sequence[ModelInput], headers: Mapping[Path, Dataset]) -> str:
-    """What the results derive from: each model and the SOP Instances (and frames) it reads.
-
-    Equal digests mean equal output UIDs (agent.dicom.uids), so an equal input is never given
-    a new revision number: one SOP Instance UID must not name two different objects.
-    """
-    digest = hashlib.sha256()
-    for item in sorted(inputs, key=lambda i: i.model):
-        refs = sorted(f"{headers[f.path].SOPInstanceUID}:{f.index}" for f in item.frames)
-        digest.update(json.dumps([item.model, refs]).encode())
-    return digest.hexdigest()
-
-
 def _utc(value: datetime) -> datetime:
     """A database timestamp as an aware UTC datetime (SQLite gives it back naive)."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _readable_headers(paths: list[Path]) -> dict[Path, Dataset]:
-    """Headers of the study's instances; one that cannot be parsed is left out, with a warning.
-
-    The receiver validates only the identifying elements, so a dataset damaged further on is
-    stored (and acknowledged) but cannot be used; it must not block the rest of the study.
-    """
-    headers: dict[Path, Dataset] = {}
-    for path in paths:
-        try:
-            headers[path] = read_header(path)
-        except PermanentError as exc:
-            log.warning("instance not usable: %s", exc)
-    return headers

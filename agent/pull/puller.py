@@ -19,7 +19,7 @@ from pathlib import Path
 from pydicom.uid import UID
 
 from agent import audit
-from agent.assembly.assembler import PULLED_FROM
+from agent.assembly.sealing import PULLED_FROM
 from agent.db.database import Database
 from agent.db.states import State
 from agent.db.values import ArrivedInstance
