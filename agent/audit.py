@@ -74,6 +74,7 @@ APPLICATION_START = Code("110120", "Application Start")
 APPLICATION_STOP = Code("110121", "Application Stop")
 LOGIN = Code("110122", "Login")
 NODE_AUTHENTICATION = Code("110126", "Node Authentication")
+SOFTWARE_CONFIGURATION = Code("110131", "Software Configuration")
 
 
 @dataclass(frozen=True)
@@ -371,6 +372,23 @@ def application_stopped(role: str, *, ok: bool, reason: str | None = None) -> No
         event_type=APPLICATION_STOP,
         role=role,
         reason=reason,
+    )
+
+
+def model_switched(model: str, *, state: str, configured: str, by: str | None) -> None:
+    """A model switched on, paused or off at run time, or (state "reset") back to its
+    configured state: a Security Alert, Software Configuration (PS3.15 A.5.3.11), since it
+    changes what the service does with every study; `by` is the operating-system user."""
+    _emit(
+        "model-switched",
+        SECURITY_ALERT,
+        Action.EXECUTE,
+        Outcome.SUCCESS,
+        event_type=SOFTWARE_CONFIGURATION,
+        model=model,
+        state=state,
+        configured=configured,
+        user=by,
     )
 
 

@@ -5,9 +5,11 @@ Each answers in a few lines on stdout, or raises an AgentError the CLI turns int
 
 from __future__ import annotations
 
+import getpass
 import logging
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from sqlalchemy import text
@@ -17,7 +19,7 @@ from agent.cli_exits import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from agent.db.database import Database
 from agent.domain import Manifest
 from agent.errors import AgentError, ConfigError
-from agent.settings import DestinationSettings, ModelState, Settings
+from agent.settings import DestinationSettings, ModelSettings, ModelState, Settings
 from agent.spool.layout import SpoolLayout
 from agent.spool.writer import write_atomic
 
@@ -249,6 +251,7 @@ def cmd_models_switch(settings: Settings, name: str, state: ModelState | None) -
             switches.set(name, state)
     finally:
         db.dispose()
+    _audit_switch(settings, name, "reset" if state is None else state, configured)
     if name not in configured:
         log.info("override of model %s removed", name)
         print(f"{name}: override removed (the model is not configured)")
@@ -260,6 +263,31 @@ def cmd_models_switch(settings: Settings, name: str, state: ModelState | None) -
         log.info("model %s switched %s", name, state)
         print(f"{name}: {state} (configured {configured[name].state}; `models reset` undoes)")
     return EXIT_OK
+
+
+def _audit_switch(
+    settings: Settings, name: str, state: str, configured: Mapping[str, ModelSettings]
+) -> None:
+    """A switch goes into the audit trail (as a pull does): it is an operator changing what
+    the service does with every study, and the trail says who and when."""
+    entry = configured.get(name)
+    audit.configure_audit(settings)
+    try:
+        audit.model_switched(
+            name,
+            state=state,
+            configured=entry.state if entry is not None else "not configured",
+            by=_os_user(),
+        )
+    finally:
+        audit.close_audit()
+
+
+def _os_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (a bare container)
+        return None
 
 
 def cmd_models_check(path: Path) -> int:
@@ -278,6 +306,8 @@ def cmd_models_check(path: Path) -> int:
     print(f"device uid  {package.identity.device_uid}")
     print(f"outputs     {outputs}")
     print(f"run         {result.seconds:.2f} s for a {z}x{y}x{x} synthetic volume on cpu")
+    found = ", ".join(str(i) for i in result.labels_found) or "none"
+    print(f"labels      {found} (given to some voxel of the synthetic volume)")
     if manifest.weights.format == "torchscript":
         print("note        torch deprecates TorchScript: prefer a torch.export program (.pt2)")
     return EXIT_OK

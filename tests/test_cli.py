@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,6 +265,17 @@ def test_models_are_switched_at_run_time_and_listed_with_their_state(
     assert models("reset", "stroke") == ["stroke: paused, as configured"]
     assert models("reset", "stroke") == ["stroke: paused, as configured (no override was set)"]
     assert effective() == {"ct-tissue": "paused", "stroke": "paused"}
+    # Each switch is in the audit trail: what, to which state, and who (never a study).
+    trail = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    switched = [e for e in trail if e["event"] == "model-switched"]
+    assert [(e["model"], e["state"], e["configured"]) for e in switched] == [
+        ("ct-tissue", "off", "on"),
+        ("stroke", "on", "paused"),
+        ("ct-tissue", "paused", "on"),
+        ("stroke", "reset", "paused"),
+        ("stroke", "reset", "paused"),
+    ]
+    assert switched[0]["event_type"]["code"] == "110131"
 
     typo = cli("models", "off", "ct-tisue", "--config", str(config))
     assert typo.returncode == 1
