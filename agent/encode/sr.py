@@ -71,8 +71,13 @@ def build_sr(
         manufacturer=model.manufacturer,
     )
     source_series = hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)
+    # A mean is an attenuation in HU only for CT (PS3.3 C.8.2.1: Rescale Type HU); other
+    # modalities' pixel values have no standard unit, so their SR reports volumes only.
+    attenuation = str(source[0].get("Modality", "")) == "CT"
     groups = [
-        _measurement_group(spec, by_number[spec.number], seg, uids, algorithm, source_series)
+        _measurement_group(
+            spec, by_number[spec.number], seg, uids, algorithm, source_series, attenuation
+        )
         for spec in segments
     ]
     # TID 1001 observer context: the model is the device observer (TID 1004).
@@ -132,6 +137,7 @@ def _measurement_group(
     uids: OutputUids,
     algorithm: hd.sr.AlgorithmIdentification,
     source_series: hd.sr.SourceSeriesForSegmentation,
+    attenuation: bool,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     # The algorithm is identified once per group (TID 1411 includes TID 4019), not per item.
     items: list[hd.sr.Measurement] = []
@@ -143,7 +149,7 @@ def _measurement_group(
                 unit=coded(MILLILITER),
             )
         )
-    if "mean" in spec.measurements and measurement.voxel_count > 0:
+    if attenuation and "mean" in spec.measurements and measurement.voxel_count > 0:
         items.append(
             hd.sr.Measurement(
                 name=coded(ATTENUATION_COEFFICIENT),

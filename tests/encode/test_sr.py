@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from agent.dicom.codes import (
     coded,
 )
 from agent.dicom.uids import OutputUids
-from agent.domain import Code, Measurement, ModelIdentity
+from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
 from agent.encode.seg import tracking_uid
 from agent.encode.sr import build_sr
 from agent.errors import PermanentError
@@ -228,12 +231,14 @@ def _sr_for(
     *,
     headers: list[Dataset] | None = None,
     instance_number: int = 1,
+    segments: Sequence[SegmentSpec] = SEGMENTS,
 ) -> hd.sr.Comprehensive3DSR:
-    """An SR over `built`'s SEG, with other measurements, source headers or instance number."""
+    """An SR over `built`'s SEG, with other measurements, source headers, instance number or
+    segment specs."""
     return build_sr(
         built.headers if headers is None else headers,
         built.seg,
-        SEGMENTS,
+        segments,
         built.measurements if measured is None else measured,
         built.model,
         built.uids,
@@ -291,3 +296,32 @@ def test_sr_carries_the_revision_as_instance_number(synthetic: Built, revision: 
     assert sr.InstanceNumber == revision
     with pytest.raises(PermanentError, match="instance number"):
         _sr_for(synthetic, instance_number=0)
+
+
+def _measured_names(sr: hd.sr.Comprehensive3DSR, folder: Path) -> list[set[str]]:
+    """The concepts each measurement group of `sr` holds, as a PACS reads them back."""
+    sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    groups = _report(hd.sr.srread(folder / "sr.dcm")).get_volumetric_roi_measurement_groups()
+    return [{m.name.value for m in group.get_measurements()} for group in groups]
+
+
+def test_each_segment_reports_what_its_spec_asks(synthetic: Built, tmp_path: Path) -> None:
+    # A package's outputs choose their measurements; here the second wants its volume only.
+    specs = [
+        dataclasses.replace(spec, measurements=("volume",)) if spec.number == 2 else spec
+        for spec in SEGMENTS
+    ]
+    (tmp_path / "default").mkdir()
+    default = _measured_names(_sr_for(synthetic), tmp_path / "default")
+    names = _measured_names(_sr_for(synthetic, segments=specs), tmp_path)
+    assert default[1] == {VOLUME.value, ATTENUATION_COEFFICIENT.value}
+    assert names[1] == {VOLUME.value}
+    assert names[:1] + names[2:] == default[:1] + default[2:]
+
+
+def test_a_mean_in_hu_is_reported_for_ct_only(synthetic: Built, tmp_path: Path) -> None:
+    mr = [copy.deepcopy(ds) for ds in synthetic.headers]
+    for ds in mr:
+        ds.Modality = "MR"
+    names = _measured_names(_sr_for(synthetic, headers=mr), tmp_path)
+    assert names and all(n == {VOLUME.value} for n in names)
