@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Collection
-from datetime import UTC, datetime
+from functools import partial
 from io import BytesIO
 from typing import cast
 
@@ -19,12 +19,12 @@ from pynetdicom.events import Event
 from agent.connections import close_connection, close_reliably
 from agent.db.values import ArrivedInstance
 from agent.dicom.uids import is_valid_uid
-from agent.logs import log_context, study_key
 from agent.receive.auditing import record_rejection
 from agent.receive.filemeta import encode_file_meta
 from agent.receive.identify import Unreadable, identify, missing_uids
 from agent.receive.reads import CappedDataset, bound_datasets, bound_reads
 from agent.settings import AllowedCaller, IpNetwork
+from agent.spool.arrival import admit
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import write_atomic
@@ -122,29 +122,16 @@ class StoreHandler:
                 study_uid,
             )
 
-        path = self._layout.instance_path(ids.study_uid, ids.series_uid, ids.sop_uid)
         header = encode_file_meta(
             ids.sop_class_uid,
             ids.sop_uid,
             str(event.context.transfer_syntax),
             str(event.assoc.requestor.ae_title),
         )
-        with log_context(study=study_key(ids.study_uid)):
-            try:
-                write_atomic(path, (header, raw), self._layout.tmp)
-            except OSError as exc:
-                log.error("spool write failed: %s", exc.strerror)
-                return _status(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}"), study_uid
-            self._sink(
-                ArrivedInstance(
-                    study_uid=ids.study_uid,
-                    series_uid=ids.series_uid,
-                    sop_uid=ids.sop_uid,
-                    sop_class_uid=ids.sop_class_uid,
-                    path=path,
-                    received_at=datetime.now(UTC),
-                )
-            )
+        write = partial(write_atomic, chunks=(header, raw), tmp_dir=self._layout.tmp)
+        failure = admit(self._layout, ids, write, self._sink)
+        if failure is not None:
+            return _status(OUT_OF_RESOURCES, failure), study_uid
         return SUCCESS, study_uid
 
     def _refusal(self, size: int) -> Dataset | None:

@@ -10,15 +10,10 @@ nothing (400), so a sender that retries it never leaves half a request behind.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
 
 from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from agent import audit
-from agent.db.values import ArrivedInstance
 from agent.dicom.uids import is_valid_uid
 from agent.logs import log_context, study_key
 from agent.receive.filemeta import read_file_meta
@@ -40,19 +34,13 @@ from agent.receive.handlers import (
     ArrivalSink,
 )
 from agent.receive.identify import Identifiers, Unreadable, identify_file, missing_uids
+from agent.spool.arrival import admit
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import move_atomic
-from agent.web.body import drain
-from agent.web.multipart import (
-    MediaType,
-    MultipartError,
-    MultipartReader,
-    PartData,
-    PartEnd,
-    PartStart,
-    boundary_of,
-)
+from agent.web.multipart import MediaType, MultipartError, boundary_of
+from agent.web.stow_response import Result, response_body
+from agent.web.stow_upload import Body, Part, RequestTooLarge, Upload
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +51,6 @@ TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 DICOM_JSON = "application/dicom+json"
 RETRY_AFTER_SECONDS = 60  # while the spool is low: retention frees space on its own schedule
-_HEAD_BYTES = 1024 * 1024  # kept of a part that is refused anyway, to name it in the answer
-_CHECKS_IN_FLIGHT = 4  # parts checked and synced in threads while the next ones arrive
 
 
 @dataclass(frozen=True)
@@ -75,60 +61,6 @@ class StowPolicy:
     transfer_syntaxes: frozenset[str]
     max_instance_bytes: int | None = None
     max_request_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class Result:
-    """One part's outcome: SUCCESS or a PS3.18 I.2.2 failure reason, and what it was."""
-
-    status: int
-    sop_class_uid: str = ""
-    sop_uid: str = ""
-    study_uid: str = ""
-    series_uid: str = ""
-    reason: str = ""
-    spooled: Path | None = None  # the synced temp file of an instance to be stored
-
-    @property
-    def stored(self) -> bool:
-        return self.status == SUCCESS
-
-
-@dataclass
-class _Part:
-    """A part being written to its temp file."""
-
-    path: Path
-    fd: int | None
-    refusal: tuple[int, str] | None = None
-    size: int = 0
-    kept: int = 0
-
-
-class _RequestTooLarge(Exception):
-    pass
-
-
-@dataclass
-class _Body:
-    """The request body as chunks, remembering whether it was read to its end."""
-
-    request: Request
-    ended: bool = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while not self.ended:
-            message = await self.request.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            self.ended = not message.get("more_body", False)
-            body = message.get("body", b"")
-            if body:
-                yield body
-
-    async def drain(self) -> None:
-        if not self.ended:
-            await drain(self.request.receive)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -158,20 +90,27 @@ class StowService:
         ]
 
     async def store(self, request: Request) -> Response:
-        body = _Body(request)
+        body = Body(request)
         refusal = self._refusal(request)
         if refusal is not None:
             await body.drain()
             return refusal
         boundary = boundary_of(MediaType.parse(request.headers["content-type"]))
         study = request.path_params.get("study")
-        upload = _Upload(self, study)
+        upload = Upload(
+            self._layout.tmp,
+            partial(self.check, study=study),
+            watermark=self._watermark,
+            max_instance_bytes=self._policy.max_instance_bytes,
+            max_request_bytes=self._policy.max_request_bytes,
+        )
+        results: list[Result] = []
         try:
-            results = await upload.receive(body, boundary)
+            checked = await upload.receive(body, boundary)
         except MultipartError as exc:
             await body.drain()
             status, response = 400, _error(400, f"malformed multipart body: {exc}")
-        except _RequestTooLarge:
+        except RequestTooLarge:
             limit = self._policy.max_request_bytes
             status, response = 413, _error(413, f"request body over the {limit}-byte limit")
         except ClientDisconnect:
@@ -182,12 +121,11 @@ class StowService:
             await body.drain()
             status, response = 503, _error(503, f"spool write failed: {exc.strerror}")
         else:
-            results = await run_in_threadpool(self._commit, results)
+            results = await run_in_threadpool(self._commit, checked)
             status, response = self._answer(results)
-            upload.results = results
         finally:
             await upload.discard()
-        self._audit(request, upload.results, status)
+        self._audit(request, results, status)
         return response
 
     def _refusal(self, request: Request) -> Response | None:
@@ -219,7 +157,7 @@ class StowService:
 
     # -- one part, in a worker thread --------------------------------------------------------
 
-    def check(self, part: _Part, study: str | None) -> Result:
+    def check(self, part: Part, study: str | None) -> Result:
         """Close a received part's file and decide, as the C-STORE handler would."""
         try:
             return self._check(part, study)
@@ -227,10 +165,8 @@ class StowService:
             log.exception("unexpected error checking an uploaded instance")
             return Result(PROCESSING_FAILURE, reason="internal error, instance not stored")
 
-    def _check(self, part: _Part, study: str | None) -> Result:
-        fd, part.fd = part.fd, None
-        if fd is not None:
-            os.close(fd)
+    def _check(self, part: Part, study: str | None) -> Result:
+        part.close()
         with part.path.open("rb") as fp:
             try:
                 meta = read_file_meta(fp)
@@ -288,7 +224,7 @@ class StowService:
         )
 
     @staticmethod
-    def _refused(part: _Part, result: Result) -> Result:
+    def _refused(part: Part, result: Result) -> Result:
         fields = {"study": study_key(result.study_uid)} if is_valid_uid(result.study_uid) else {}
         with log_context(**fields):
             log.warning("rejected an uploaded instance: %s", result.reason)
@@ -304,25 +240,12 @@ class StowService:
     def _commit_one(self, result: Result) -> Result:
         if not result.stored or result.spooled is None:
             return result
-        path = self._layout.instance_path(result.study_uid, result.series_uid, result.sop_uid)
-        with log_context(study=study_key(result.study_uid)):
-            try:
-                move_atomic(result.spooled, path)
-            except OSError as exc:
-                log.error("spool write failed: %s", exc.strerror)
-                return _with(result, OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
-            # The sink only queues the arrival for the assembler; were it to fail, the request
-            # fails (HTTP 500): stored, not acknowledged, and found by the spool scan at start.
-            self._sink(
-                ArrivedInstance(
-                    study_uid=result.study_uid,
-                    series_uid=result.series_uid,
-                    sop_uid=result.sop_uid,
-                    sop_class_uid=result.sop_class_uid,
-                    path=path,
-                    received_at=datetime.now(UTC),
-                )
-            )
+        # The sink only queues the arrival for the assembler; were it to fail, the request
+        # fails (HTTP 500): stored, not acknowledged, and found by the spool scan at start.
+        place = partial(move_atomic, result.spooled)
+        failure = admit(self._layout, result, place, self._sink)
+        if failure is not None:
+            return _with(result, OUT_OF_RESOURCES, failure)
         return Result(
             SUCCESS, result.sop_class_uid, result.sop_uid, result.study_uid, result.series_uid
         )
@@ -382,112 +305,3 @@ def _with(result: Result, status: int, reason: str) -> Result:
         result.series_uid,
         reason,
     )
-
-
-@dataclass
-class _Upload:
-    """One request's parts: streamed to temp files, checked in threads as each one ends."""
-
-    service: StowService
-    study: str | None
-    parts: list[_Part] = field(default_factory=list)
-    checks: list[asyncio.Future[Result]] = field(default_factory=list)
-    results: list[Result] = field(default_factory=list)
-
-    async def receive(self, body: _Body, boundary: bytes) -> list[Result]:
-        reader = MultipartReader(boundary)
-        policy = self.service._policy
-        received = 0
-        async for chunk in body.chunks():
-            received += len(chunk)
-            if policy.max_request_bytes is not None and received > policy.max_request_bytes:
-                raise _RequestTooLarge()
-            for event in reader.feed(chunk):
-                if isinstance(event, PartData):
-                    self._write(event.data)
-                elif isinstance(event, PartStart):
-                    self._begin()
-                elif isinstance(event, PartEnd):
-                    await self._end()
-        reader.close()
-        return [await check for check in self.checks]
-
-    def _begin(self) -> None:
-        path = self.service._layout.tmp / f"stow-{uuid.uuid4().hex}.part"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        part = _Part(path, fd)
-        watermark = self.service._watermark
-        if watermark is not None:
-            level = watermark.check()
-            if level.low:
-                part.refusal = (OUT_OF_RESOURCES, level.reason)
-        self.parts.append(part)
-
-    def _write(self, data: bytes) -> None:
-        part = self.parts[-1]
-        part.size += len(data)
-        limit = self.service._policy.max_instance_bytes
-        if part.refusal is None and limit is not None and part.size > limit:
-            log.warning("refused an uploaded instance over the limit of %d bytes", limit)
-            part.refusal = (OUT_OF_RESOURCES, f"instance over the {limit}-byte limit")
-        # Past the limit, or once refused, only the head is kept: enough to name the instance.
-        room = (_HEAD_BYTES if part.refusal is not None else part.size) - part.kept
-        view = memoryview(data)[: max(room, 0)]
-        try:
-            while view and part.fd is not None:
-                written = os.write(part.fd, view)
-                view = view[written:]
-                part.kept += written
-        except OSError as exc:
-            if part.refusal is None:
-                log.error("spool write failed: %s", exc.strerror)
-                part.refusal = (OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}")
-
-    async def _end(self) -> None:
-        part = self.parts[-1]
-        self.checks.append(
-            asyncio.ensure_future(run_in_threadpool(self.service.check, part, self.study))
-        )
-        # The next part is read while this one is checked and synced; a few at most.
-        unfinished = [check for check in self.checks if not check.done()]
-        if len(unfinished) >= _CHECKS_IN_FLIGHT:
-            await unfinished[0]
-
-    async def discard(self) -> None:
-        """Remove what is left in tmp: the parts of a failed request, or refused ones."""
-        if self.checks:
-            await asyncio.gather(*self.checks, return_exceptions=True)
-        for part in self.parts:
-            if part.fd is not None:
-                os.close(part.fd)
-                part.fd = None
-            part.path.unlink(missing_ok=True)
-
-
-def _ui(value: str) -> dict[str, Any]:
-    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
-
-
-def response_body(results: Iterable[Result]) -> dict[str, Any]:
-    """The Store Instances Response Module (PS3.18 Annex I) in the DICOM JSON model (F.2).
-
-    No Retrieve URL is given (Type 2, so present and empty): this agent keeps instances only
-    until they are processed and offers no WADO-RS.
-    """
-    failed: list[dict[str, Any]] = []
-    stored: list[dict[str, Any]] = []
-    for result in results:
-        item = {
-            "00081150": _ui(result.sop_class_uid),
-            "00081155": _ui(result.sop_uid),
-        }
-        if result.stored:
-            stored.append({**item, "00081190": {"vr": "UR"}})
-        else:
-            failed.append({**item, "00081197": {"vr": "US", "Value": [result.status]}})
-    body: dict[str, Any] = {"00081190": {"vr": "UR"}}
-    if failed:
-        body["00081198"] = {"vr": "SQ", "Value": failed}
-    if stored:
-        body["00081199"] = {"vr": "SQ", "Value": stored}
-    return body
