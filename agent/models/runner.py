@@ -219,12 +219,24 @@ def _masks(
     for first, slab in resampled_slabs(values, shape):
         part = masks[:, first : first + slab.shape[1]]
         if argmax:
-            labels = slab.argmax(dim=0)
+            labels = _argmax_channels(slab)
             for k, index in enumerate(indices):
                 torch.eq(labels, index, out=part[k])
         else:
             torch.gt(slab, threshold, out=part)
     return masks
+
+
+def _argmax_channels(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(dim=0)` (the first channel wins a tie) as int16, one channel at a time:
+    a reduction over the outermost dimension is strided and runs 25 times slower on the CPU."""
+    best = scores[0].clone()
+    labels = torch.zeros(scores.shape[1:], dtype=torch.int16, device=scores.device)
+    for channel in range(1, int(scores.shape[0])):
+        better = scores[channel] > best
+        labels.masked_fill_(better, channel)
+        torch.maximum(best, scores[channel], out=best)
+    return labels
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

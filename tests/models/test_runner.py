@@ -244,3 +244,10 @@ def test_cuda_agrees_with_the_cpu(packages: dict[str, Path], precision: str) -> 
     # Mixed precision may flip a voxel whose two best classes are nearly tied; no more.
     agreement = float((cpu_run.masks == gpu_run.masks).mean())
     assert agreement > (0.9999 if precision == "float32" else 0.995)
+
+
+def test_channel_argmax_is_torchs_with_ties_to_the_first() -> None:
+    from agent.models.runner import _argmax_channels
+
+    scores = torch.randint(0, 4, (5, 6, 7, 8), generator=torch.Generator().manual_seed(3)).float()
+    assert torch.equal(_argmax_channels(scores).long(), scores.argmax(dim=0))
