@@ -203,6 +203,8 @@ def _masks(
     """Bool (outputs, z, y, x) on the oriented source grid `shape`."""
     indices = [o.index for o in manifest.outputs]
     argmax = False
+    if scores.dtype == torch.bool and tuple(scores.shape[1:]) == shape:
+        return scores[[i - 1 for i in indices]]  # masks on the source grid already (ct-tissue)
     if scores.dtype == torch.bool:
         # Masks from the network: a voxel of the source grid is in where it is at least half in.
         values, threshold = scores[[i - 1 for i in indices]], 0.5 - 1e-6

@@ -251,3 +251,20 @@ def test_channel_argmax_is_torchs_with_ties_to_the_first() -> None:
 
     scores = torch.randint(0, 4, (5, 6, 7, 8), generator=torch.Generator().manual_seed(3)).float()
     assert torch.equal(_argmax_channels(scores).long(), scores.argmax(dim=0))
+
+
+def test_bool_masks_on_a_resampled_grid_come_back() -> None:
+    # A whole-volume network answering masks, not scores, at 1.5 mm: each label's mask is
+    # resampled to the source grid and kept where at least half in.
+    def masks_of(batch: torch.Tensor) -> torch.Tensor:
+        inside = batch > 0.5
+        return torch.cat([inside, torch.zeros_like(inside)], dim=1)
+
+    text = manifest_text(weights='format = "python"\nfile = "w.pt"\nentry_point = "m:f"')
+    text = text.replace("patch_size = [16, 16, 16]", 'mode = "whole"')
+    text = text.replace("[inference]\n", '[inference]\nactivation = "sigmoid"\n')
+    volume = ct_like()
+    masks = run_package(parse_manifest(text, "test"), masks_of, volume, CPU).masks
+    assert masks.shape == (2, *volume.hu.shape)
+    assert dice(masks[0], volume.hu > 50.0) > 0.97
+    assert not masks[1].any()
