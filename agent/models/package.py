@@ -119,6 +119,24 @@ TORCH_LOAD_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# What a package's own code (an entry point, a network's forward) raises when it fails: torch's
+# RuntimeError (shapes, dtypes, devices), Python's errors of a wrong call or value, an import
+# that fails. They are the package's failure and are named as such; anything else is a fault of
+# ours, left to the task's or the command line's boundary.
+PACKAGE_CODE_ERRORS: tuple[type[Exception], ...] = (
+    ImportError,
+    SyntaxError,
+    OSError,
+    RuntimeError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    LookupError,
+    ArithmeticError,
+    AssertionError,
+)
+
+
 def _load_torchscript(file: Path) -> Network:
     try:
         with warnings.catch_warnings():
@@ -162,7 +180,7 @@ def _load_entry_point(code: Path, function: str, root: Path) -> Network:
         network = build(root)
     except PackageError:
         raise
-    except Exception as exc:  # the package's own code: whatever it raises is its failure
+    except PACKAGE_CODE_ERRORS as exc:
         raise PackageError(f"{code.name}: {function} failed: {_first_line(exc)}") from None
     finally:
         sys.modules.pop(name, None)
@@ -234,6 +252,7 @@ def _root(path: Path, target: Path) -> Path:
 
 
 __all__ = [
+    "PACKAGE_CODE_ERRORS",
     "ModelPackage",
     "Network",
     "PackageError",

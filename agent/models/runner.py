@@ -20,7 +20,7 @@ from agent.inference.volume import Volume
 from agent.models.grid import reorientation, resample, resampled_shape, resampled_slabs
 from agent.models.intensity import preprocess_intensity
 from agent.models.manifest import PackageManifest
-from agent.models.package import ModelPackage, Network
+from agent.models.package import PACKAGE_CODE_ERRORS, ModelPackage, Network
 from agent.models.window import sliding_window
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,9 @@ def _forward(
             batch_size=plan.batch_size,
             device=device,
         )
-    except (torch.OutOfMemoryError, NetworkFailed):
+    except torch.OutOfMemoryError:  # a RuntimeError, but the caller's to handle
         raise
-    except Exception as exc:  # the package's network: whatever it raises is its failure
+    except PACKAGE_CODE_ERRORS as exc:
         lines = str(exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__
         raise NetworkFailed(f"the network failed: {reason}") from None
