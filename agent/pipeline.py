@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from agent.db.database import Database
 from agent.db.deliveries import Deliveries
 from agent.db.states import TERMINAL, InvalidTransition, State, Superseded
-from agent.db.switches import ModelSwitches, held, switched_off
+from agent.db.switches import ModelSwitches, held, in_state, switched_off
 from agent.dicom.files import read_header
 from agent.dicom.uids import output_uids
 from agent.domain import FrameRef, Manifest, Priority
@@ -68,8 +68,9 @@ def _model(ctx: PipelineContext, name: str) -> tuple[Model, torch.device]:
     return model, resolve_device(entry.device, name)
 
 
-def infer(ctx: PipelineContext, job_id: str) -> None:
-    """Run every configured model on the job's series and leave the results in the job folder."""
+def infer(ctx: PipelineContext, job_id: str) -> Priority:
+    """Run every configured model on the job's series and leave the results in the job folder;
+    the job's priority, which its export keeps."""
     manifest = _manifest(ctx, job_id)
     with log_context(study=study_key(manifest.study_uid), job=job_id):
         out = results_dir(ctx, job_id)
@@ -91,7 +92,7 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
                     "encoding and sending",
                     expect_job=job_id,
                 )
-            return
+            return manifest.priority
         ctx.db.transition(
             manifest.study_uid,
             State.INFERRING,
@@ -117,6 +118,7 @@ def infer(ctx: PipelineContext, job_id: str) -> None:
         ctx.db.transition(
             manifest.study_uid, State.EXPORTING, "encoding and sending", expect_job=job_id
         )
+        return manifest.priority
 
 
 def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
@@ -261,19 +263,14 @@ def hold(ctx: PipelineContext, job_id: str, reason: str) -> None:
             log.info("job no longer waiting for inference; not held")
 
 
-def priority(ctx: PipelineContext, job_id: str) -> Priority:
-    """The job's priority, as the assembler decided it (its export follows it)."""
-    return _manifest(ctx, job_id).priority
-
-
 def _runnable(ctx: PipelineContext, manifest: Manifest) -> Manifest:
     """The job as its models' switches allow now: JobHeld while one of them is paused; without
     those switched off, and StudySkipped when that leaves none."""
     states = ModelSwitches(ctx.db).effective(ctx.settings.models)
-    paused = [m for m in manifest.models if states.get(m) == "paused"]
+    paused = in_state(manifest.models, states, "paused")
     if paused:
         raise JobHeld(held(paused))
-    off = [m for m in manifest.models if states.get(m) == "off"]
+    off = in_state(manifest.models, states, "off")
     if not off:
         return manifest
     if len(off) == len(manifest.inputs):
@@ -288,7 +285,7 @@ def _exportable(ctx: PipelineContext, manifest: Manifest) -> Manifest:
     results are not sent, even if computed before), nor of one that was off when it ran."""
     states = ModelSwitches(ctx.db).effective(ctx.settings.models)
     out = results_dir(ctx, manifest.job_id)
-    off = [m for m in manifest.models if states.get(m) == "off"]
+    off = in_state(manifest.models, states, "off")
     kept = tuple(i for i in manifest.inputs if i.model not in off and has_result(out / i.model))
     if len(kept) == len(manifest.inputs):
         return manifest

@@ -38,7 +38,7 @@ from agent.dicom.uids import output_uids
 from agent.domain import Measurement
 from agent.encode.seg import build_seg
 from agent.encode.sr import build_sr
-from agent.inference.runner import measure
+from agent.inference.runner import measure, pick_device
 from agent.inference.volume import Volume, load_volume
 from agent.models.package import load_package
 from agent.models.runner import PackagedModel, run_package
@@ -148,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device() if args.device == "auto" else torch.device(args.device)
     precisions = ["float32", "bfloat16", "float16"] if device.type == "cuda" else ["float32"]
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:

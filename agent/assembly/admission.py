@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from agent.assembly.rules import ModelChoice
 from agent.db.switches import switched_off
@@ -21,11 +21,6 @@ def without_switched_off(
         else c
         for c in choices
     ]
-
-
-def paused(models: Iterable[str], states: Mapping[str, ModelState]) -> list[str]:
-    """Those of `models` paused now, in their order."""
-    return [m for m in models if states.get(m) == "paused"]
 
 
 def study_priority(

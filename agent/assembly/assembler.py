@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent.assembly.admission import paused
 from agent.assembly.counts import CountCheck, SourceCounts
 from agent.assembly.policy import Clock, is_complete
 from agent.assembly.sealing import PULLED_FROM, Sealer
 from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
-from agent.db.switches import HELD, ModelSwitches, held
+from agent.db.switches import HELD, ModelSwitches, held, in_state
 from agent.db.values import ArrivedInstance
 from agent.domain import Manifest
 from agent.errors import RetryableError
@@ -201,7 +200,7 @@ class Assembler:
         states = self._switches.effective(self._models)
         for study in waiting:
             job_id = str(study.job_id)
-            waits_for = paused(self._models_of(job_id), states)
+            waits_for = in_state(self._models_of(job_id), states, "paused")
             if waits_for:
                 self._hold(study, job_id, held(waits_for))
             elif self._send(study.study_uid, study.study_key, job_id):

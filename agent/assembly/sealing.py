@@ -16,13 +16,13 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from agent.assembly.admission import paused, study_priority, without_switched_off
+from agent.assembly.admission import study_priority, without_switched_off
 from agent.assembly.counts import study_sender
 from agent.assembly.rules import select
 from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import State
-from agent.db.switches import ModelSwitches, held
+from agent.db.switches import ModelSwitches, held, in_state
 from agent.dicom.files import read_header
 from agent.domain import Manifest, ModelInput
 from agent.errors import PermanentError
@@ -119,7 +119,7 @@ class Sealer:
             summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
             if urgent:
                 summary += f"; urgent ({urgent})"
-            waits_for = paused(manifest.models, states)
+            waits_for = in_state(manifest.models, states, "paused")
             self._db.transition(
                 study.study_uid,
                 State.QUEUED,

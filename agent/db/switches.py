@@ -8,7 +8,7 @@ overridden model, a handful at most: reading it whole is the cheap query each de
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast, get_args
 
 from sqlalchemy import delete, select
@@ -27,6 +27,13 @@ HELD = "held:"
 def switched_off(name: str) -> str:
     """Why a model is not run: its kill switch."""
     return f"model {name} is switched off"
+
+
+def in_state(
+    models: Iterable[str], states: Mapping[str, ModelState], state: ModelState
+) -> list[str]:
+    """Those of `models` whose effective state (`states`) is `state`, in their order."""
+    return [m for m in models if states.get(m) == state]
 
 
 def held(paused: Sequence[str]) -> str:

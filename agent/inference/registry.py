@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from agent.errors import ConfigError, PermanentError, RetryableError
 from agent.inference.runner import resolve_device
 from agent.inference.volume import Volume
 from agent.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from agent.models.runner import PackagedModel
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +84,11 @@ def preload(models: Sequence[ModelSettings]) -> None:
             continue
         except PermanentError as exc:
             raise ConfigError(f"[[models]] {entry.name}: {exc}") from exc
-        network_on = getattr(model, "network_on", None)
-        if callable(network_on):
-            network_on(device)
+        model.network_on(device)
         log.info("model %s ready on %s", entry.name, device)
 
 
-def get_model(name: str, package: Path | None = None, precision: str = "package") -> Model:
+def get_model(name: str, package: Path | None = None, precision: str = "package") -> PackagedModel:
     """The model a `[[models]]` entry names, loaded once per process and kept: a GPU worker
     keeps its networks on the device between studies. `precision` other than "package"
     overrides the package's."""
@@ -95,7 +96,7 @@ def get_model(name: str, package: Path | None = None, precision: str = "package"
 
 
 @functools.cache
-def _load(path: Path, precision: str | None) -> Model:
+def _load(path: Path, precision: str | None) -> PackagedModel:
     # Imported here: the registry is read by processes that never run a model.
     from agent.models.package import load_package
     from agent.models.runner import PackagedModel

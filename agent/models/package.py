@@ -147,7 +147,7 @@ def _load_torchscript(file: Path) -> Network:
             )
             module = torch.jit.load(str(file), map_location="cpu")  # type: ignore[no-untyped-call]
     except TORCH_LOAD_ERRORS as exc:
-        raise PackageError(f"{file.name}: not a TorchScript file: {_first_line(exc)}") from None
+        raise PackageError(f"{file.name}: not a TorchScript file: {first_line(exc)}") from None
     module.eval()
     return module  # type: ignore[no-any-return]
 
@@ -156,7 +156,7 @@ def _load_exported(file: Path) -> Network:
     try:
         program = torch.export.load(str(file))
     except TORCH_LOAD_ERRORS as exc:
-        raise PackageError(f"{file.name}: not a torch.export program: {_first_line(exc)}") from None
+        raise PackageError(f"{file.name}: not a torch.export program: {first_line(exc)}") from None
     return program.module()
 
 
@@ -181,7 +181,7 @@ def _load_entry_point(code: Path, function: str, root: Path) -> Network:
     except PackageError:
         raise
     except PACKAGE_CODE_ERRORS as exc:
-        raise PackageError(f"{code.name}: {function} failed: {_first_line(exc)}") from None
+        raise PackageError(f"{code.name}: {function} failed: {first_line(exc)}") from None
     finally:
         sys.modules.pop(name, None)
     if not callable(network):
@@ -191,7 +191,8 @@ def _load_entry_point(code: Path, function: str, root: Path) -> Network:
     return network  # type: ignore[no-any-return]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message, its first line only (torch's run on for pages), or its type."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -256,6 +257,7 @@ __all__ = [
     "ModelPackage",
     "Network",
     "PackageError",
+    "first_line",
     "load_package",
     "package_identity",
     "parse_manifest",

@@ -20,7 +20,7 @@ from agent.inference.volume import Volume
 from agent.models.grid import reorientation, resample, resampled_shape, resampled_slabs
 from agent.models.intensity import preprocess_intensity
 from agent.models.manifest import PackageManifest
-from agent.models.package import PACKAGE_CODE_ERRORS, ModelPackage, Network
+from agent.models.package import PACKAGE_CODE_ERRORS, ModelPackage, Network, first_line
 from agent.models.window import sliding_window
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,7 @@ def _forward(
     except torch.OutOfMemoryError:  # a RuntimeError, but the caller's to handle
         raise
     except PACKAGE_CODE_ERRORS as exc:
-        lines = str(exc).strip().splitlines()
-        reason = lines[0] if lines else type(exc).__name__
-        raise NetworkFailed(f"the network failed: {reason}") from None
+        raise NetworkFailed(f"the network failed: {first_line(exc)}") from None
 
 
 def _masks(

@@ -56,7 +56,7 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
     def infer(self: Task[Any, Any], job_id: str) -> None:
         ctx = context()
         try:
-            pipeline.infer(ctx, job_id)
+            priority = pipeline.infer(ctx, job_id)
         except Superseded:
             log.info("job %s superseded or already finished", job_id)
             return
@@ -80,7 +80,7 @@ def register_tasks(app: Celery, settings: Settings, context: Callable[[], Pipeli
             )
             return
         # An urgent study's export is urgent too, on the io worker.
-        export_queue = queue_for(IO, pipeline.priority(ctx, job_id))
+        export_queue = queue_for(IO, priority)
         self.app.send_task(EXPORT, args=[job_id], queue=export_queue)
 
     # No retry count: each destination's ceiling (give_up_after_hours) ends an export.
