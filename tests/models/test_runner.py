@@ -121,6 +121,16 @@ def test_example_unet_packages_agree(packages: dict[str, Path], kind: str) -> No
 def test_network_is_moved_once(packages: dict[str, Path]) -> None:
     model = PackagedModel(load_package(packages["torchscript"]))
     assert model.network_on(CPU) is model.network_on(CPU)
+    # Another device gets a copy, made once and kept; the CPU original stays where it was.
+    # ("meta" stands in for a GPU: tensors with shapes and no storage.)
+    package = load_package(packages["python"])
+    model = PackagedModel(package)
+    meta = torch.device("meta")
+    moved = model.network_on(meta)
+    assert moved is model.network_on(meta)
+    assert moved is not package.network
+    assert {p.device for p in moved.parameters()} == {meta}  # type: ignore[attr-defined]
+    assert {p.device for p in package.network.parameters()} == {CPU}  # type: ignore[attr-defined]
 
 
 def test_fallback_plans() -> None:
