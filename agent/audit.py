@@ -26,6 +26,8 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.db.deliveries import is_stored
+from agent.domain import Code
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -55,26 +57,17 @@ class Outcome(IntEnum):
     MAJOR_FAILURE = 12  # the function was made unavailable
 
 
-@dataclass(frozen=True)
-class Code:
-    """A coded concept of the DCM scheme (PS3.16 Annex D)."""
-
-    code: str
-    meaning: str
-    scheme: str = "DCM"
-
-
-# Audit Event IDs, PS3.16 CID 400, and Audit Event Type Codes, CID 401.
-APPLICATION_ACTIVITY = Code("110100", "Application Activity")
-INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
-STUDY_DELETED = Code("110105", "DICOM Study Deleted")
-SECURITY_ALERT = Code("110113", "Security Alert")
-USER_AUTHENTICATION = Code("110114", "User Authentication")
-APPLICATION_START = Code("110120", "Application Start")
-APPLICATION_STOP = Code("110121", "Application Stop")
-LOGIN = Code("110122", "Login")
-NODE_AUTHENTICATION = Code("110126", "Node Authentication")
-SOFTWARE_CONFIGURATION = Code("110131", "Software Configuration")
+# Audit Event IDs, PS3.16 CID 400, and Audit Event Type Codes, CID 401 (scheme DCM, Annex D).
+APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
+SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
+APPLICATION_START = Code("110120", "DCM", "Application Start")
+APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
+LOGIN = Code("110122", "DCM", "Login")
+NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
 
 
 @dataclass(frozen=True)
@@ -197,8 +190,8 @@ def _emit(
         return
     entry: dict[str, Any] = {
         "event": event,
-        "event_id": asdict(event_id),
-        **({"event_type": asdict(event_type)} if event_type is not None else {}),
+        "event_id": _coded(event_id),
+        **({"event_type": _coded(event_type)} if event_type is not None else {}),
         "action": action.value,
         "outcome": int(outcome),
         **{key: value for key, value in fields.items() if value is not None},
@@ -207,6 +200,17 @@ def _emit(
     # disk, an unserialisable value) on stderr instead of raising: an audit record never fails
     # the action it records.
     logger.info(event, extra={"audit": entry})
+
+
+def _coded(code: Code) -> dict[str, str]:
+    return {"code": code.value, "meaning": code.meaning, "scheme": code.scheme}
+
+
+def _outcome(done: int, failed: int) -> Outcome:
+    """Success when nothing failed, minor failure when some did, serious failure when all did."""
+    if not failed:
+        return Outcome.SUCCESS
+    return Outcome.MINOR_FAILURE if done else Outcome.SERIOUS_FAILURE
 
 
 def _peer(peer: Peer | None) -> dict[str, Any] | None:
@@ -283,14 +287,11 @@ def instances_received(
     """
     stored = sum(study.stored for study in studies)
     refused = sum(study.refused for study in studies)
-    outcome = Outcome.SUCCESS
-    if refused:
-        outcome = Outcome.MINOR_FAILURE if stored else Outcome.SERIOUS_FAILURE
     _emit(
         "instances-received",
         INSTANCES_TRANSFERRED,
         Action.CREATE,
-        outcome,
+        _outcome(stored, refused),
         source=_peer(source),
         destination=_peer(destination),
         ended=ended,
@@ -299,11 +300,6 @@ def instances_received(
         refused=refused,
         studies=[asdict(study) for study in studies],
     )
-
-
-def _succeeded(status: int) -> bool:
-    # PS3.4 B.2.3: 0x0000 success, and the warnings 0xB000, 0xB006, 0xB007 (stored all the same).
-    return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
 def objects_exported(
@@ -325,17 +321,14 @@ def objects_exported(
     PS3.15 A.5.3.5 DICOM Instances Transferred, action Read (the sender's side): success when
     every object was stored, minor failure when some were, serious failure when none was.
     """
-    succeeded = sum(n for status, n in statuses.items() if _succeeded(status))
+    succeeded = sum(n for status, n in statuses.items() if is_stored(status))
     failed = max(count - succeeded, 0)
-    outcome = Outcome.SUCCESS
-    if failed:
-        outcome = Outcome.MINOR_FAILURE if succeeded else Outcome.SERIOUS_FAILURE
     target = {"name": destination, **(_peer(peer) or {})}
     _emit(
         "objects-exported",
         INSTANCES_TRANSFERRED,
         Action.READ,
-        outcome,
+        _outcome(succeeded, failed),
         destination=target,
         study=study,
         count=count,

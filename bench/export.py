@@ -16,19 +16,18 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import dcmread
 
 from agent.db.deliveries import ObjectStatus
 from agent.export import dimse, stow
+from agent.export.outbox import Send
 from agent.settings import DestinationSettings
 from bench.ct_series import write_ct_series
 from tests.encode import build_and_save
 from tests.support.orthanc import Orthanc
-
-Sender = Callable[[DestinationSettings, str, Sequence[Path], Callable[[ObjectStatus], None]], None]
 
 
 def _outbox(files: Sequence[Path], folder: Path) -> list[Path]:
@@ -42,7 +41,7 @@ def _outbox(files: Sequence[Path], folder: Path) -> list[Path]:
     return named
 
 
-def _send_once(pacs: Orthanc, send: Sender, dest: DestinationSettings, files: list[Path]) -> float:
+def _send_once(pacs: Orthanc, send: Send, dest: DestinationSettings, files: list[Path]) -> float:
     answers: list[ObjectStatus] = []
     start = time.perf_counter()
     send(dest, "PACS_AGENT", files, answers.append)

@@ -366,8 +366,9 @@ def wait_end_to_end(
 
 
 @contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+def workdir(keep: bool, prefix: str = "bench-ingest-") -> Iterator[Path]:
+    """A fresh temporary folder, removed afterwards unless `keep`."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield root
     finally:

@@ -17,9 +17,7 @@ import argparse
 import collections
 import contextlib
 import queue
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +26,7 @@ from pathlib import Path
 
 from agent.db.database import Database
 from agent.db.states import IN_FLIGHT, TERMINAL, State
+from bench.ingest import workdir
 from tests.support.agent import AgentProcess, agent_database, write_config
 from tests.support.dcmtk import storescu
 from tests.support.faults import RedisServer, kill_hard
@@ -239,20 +238,11 @@ def fault_schedule(
         log(f"killed {what}: {caught}; back after {time.monotonic() - began:.1f} s", start)
 
 
-@contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="pacs-agent-soak-"))
-    try:
-        yield root
-    finally:
-        if keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    with workdir(args.keep) as root, contextlib.ExitStack() as stack_exit:
+    with (
+        workdir(args.keep, prefix="pacs-agent-soak-") as root,
+        contextlib.ExitStack() as stack_exit,
+    ):
         start = time.monotonic()
         sent = [
             Sent(

@@ -38,6 +38,7 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
 
     RetryableError says why none was established; ConfigError names an unusable TLS file.
     """
+    host, port, ae_title = _address(destination)
     ctx: ClientContext | None = None
     tls_args: tuple[ssl.SSLContext, str] | None = None
     if destination.tls is not None:
@@ -45,8 +46,6 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
             ctx = client_context(destination.tls)
         except ConfigError as exc:
             raise ConfigError(f"destination {destination.name}: TLS: {exc}") from exc
-    host, port, ae_title = _address(destination)
-    if ctx is not None and destination.tls is not None:
         tls_args = (ctx, destination.tls.server_name or host)
     assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if assoc.is_established:

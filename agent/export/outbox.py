@@ -134,8 +134,7 @@ class Outbox:
         if failures >= dest.breaker_failures and not (
             now >= open_until and self._deliveries.claim_probe(name, now, PROBE_HOLD)
         ):
-            wait = max(1.0, (max(open_until, now) - now).total_seconds())
-            wait = min(wait, max(1.0, (deadline - now).total_seconds()))
+            wait = _within(deadline, now, max(1.0, (open_until - now).total_seconds()))
             report.waiting.append(
                 Waiting(name, wait, f"{name} unreachable ({failures} failures in a row), waiting")
             )
@@ -147,21 +146,20 @@ class Outbox:
             self._deliveries.record(job_id, name, outcome)
             answers.append(outcome)
 
+        failure: RetryableError | stow.DestinationRefused | None = None
         try:
             self._send(dest, self._calling_ae, todo, record)
-        except RetryableError as exc:
-            _audit(dest, study, todo, answers)
-            retry_after = exc.retry_after if isinstance(exc, stow.RetryLater) else None
-            self._failed(job_id, dest, str(exc), deadline, report, retry_after)
-            return
-        except stow.DestinationRefused as exc:
-            # It answered, and said no in a way that trying again cannot change (401, 413, ...).
-            _audit(dest, study, todo, answers)
-            self._deliveries.attempted(job_id, name, str(exc))
-            self._deliveries.succeeded(name)
-            report.gave_up.append(f"export to {name}: {exc}")
-            return
+        except (RetryableError, stow.DestinationRefused) as exc:
+            failure = exc
         _audit(dest, study, todo, answers)
+        if isinstance(failure, RetryableError):
+            retry_after = failure.retry_after if isinstance(failure, stow.RetryLater) else None
+            self._failed(job_id, dest, str(failure), deadline, report, retry_after)
+            return
+        if failure is not None:
+            # It answered, and said no in a way that trying again cannot change (401, 413, ...).
+            self._refused(job_id, name, str(failure), report)
+            return
         refused = [a for a in answers if not a.stored]
         for answer in answers:
             if answer.stored and answer.status:
@@ -187,6 +185,10 @@ class Outbox:
             self._failed(job_id, dest, f"destination {name}: {why}", deadline, report)
             return
         # The destination answered, and will not take this object: trying again cannot help.
+        self._refused(job_id, name, why, report)
+
+    def _refused(self, job_id: str, name: str, why: str, report: Report) -> None:
+        """The destination is up (its breaker closes) and has refused for good: give up."""
         self._deliveries.attempted(job_id, name, why)
         self._deliveries.succeeded(name)
         report.gave_up.append(f"export to {name}: {why}")
@@ -222,11 +224,15 @@ class Outbox:
         )
         if retry_after is not None:  # the server said when (HTTP 429 or 503 Retry-After)
             wait = max(wait, retry_after)
-        # The last attempt is made at the ceiling, not after it.
-        wait = min(wait, max(1.0, (deadline - now).total_seconds()))
+        wait = _within(deadline, now, wait)
         if failures >= dest.breaker_failures:
             log.warning("export: %s failed %d times in a row; circuit open", name, failures)
         report.waiting.append(Waiting(name, wait, error))
+
+
+def _within(deadline: datetime, now: datetime, wait: float) -> float:
+    """`wait`, cut short at the ceiling: the last attempt is made at the ceiling, not after it."""
+    return min(wait, max(1.0, (deadline - now).total_seconds()))
 
 
 def _audit(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
+from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 
 from agent.db.deliveries import ObjectStatus
@@ -48,9 +50,7 @@ def send(
     """STOW-RS the files in chunks, handing each instance's answer to `record`."""
     if not files:
         return
-    client = client_for(destination)
-    what = f"destination {destination.name}: STOW-RS"
-    try:
+    with _client(destination, "STOW-RS") as client:
         for chunk in _chunks(files, destination.stow_max_instances, destination.stow_max_bytes):
             datasets = [dcmread(path) for path in chunk]
             try:
@@ -61,27 +61,28 @@ def send(
                     raise
                 response = conflict
             _record_answers(datasets, response, record)
+
+
+def check(destination: DestinationSettings) -> None:
+    """Ask the server for one study: reachable and the credentials accepted, or an error why."""
+    with _client(destination, "QIDO-RS") as client:
+        client.search_for_studies(limit=1)
+
+
+@contextmanager
+def _client(destination: DestinationSettings, service: str) -> Iterator[DICOMwebClient]:
+    """The destination's client, closed after use; a failed request raises RetryLater or
+    DestinationRefused, as its HTTP status or network failure says."""
+    client = client_for(destination)
+    try:
+        yield client
     except requests.RequestException as exc:
-        failure = http_failure(exc, what)
+        failure = http_failure(exc, f"destination {destination.name}: {service}")
         if failure.retryable:
             raise RetryLater(failure.message, failure.retry_after) from None
         raise DestinationRefused(failure.message) from None
     finally:
         client._session.close()  # dicomweb-client keeps it privately; close its sockets
-
-
-def check(destination: DestinationSettings) -> None:
-    """Ask the server for one study: reachable and the credentials accepted, or an error why."""
-    client = client_for(destination)
-    try:
-        client.search_for_studies(limit=1)
-    except requests.RequestException as exc:
-        failure = http_failure(exc, f"destination {destination.name}: QIDO-RS")
-        raise (RetryableError if failure.retryable else DestinationRefused)(
-            failure.message
-        ) from None
-    finally:
-        client._session.close()
 
 
 def _chunks(files: Sequence[Path], max_count: int, max_bytes: int) -> Iterator[list[Path]]:

@@ -133,7 +133,6 @@ class RetentionSweeper:
         self._db = db
         self._layout = layout
         self._retention = timedelta(days=retention_days)
-        self._interval = interval_seconds
         self._now = now
         self._loop = Periodic("retention sweep", self._sweep_and_log, interval_seconds)
 

@@ -54,17 +54,20 @@ def _destination(url: str, **fields: object) -> DestinationSettings:
     )
 
 
-def _outbox_files(folder: Path) -> list[Path]:
-    """A SEG and an SR named by SOP Instance UID, as the pipeline's outbox holds them."""
-    seg, sr = build_and_save(folder / "built")
-    out = folder / "outbox"
+def _named_by_uid(paths: Sequence[Path], out: Path) -> list[Path]:
+    """Copies of `paths` named by SOP Instance UID, as the pipeline's outbox holds them."""
     out.mkdir()
     files = []
-    for path in (seg, sr):
+    for path in paths:
         target = out / f"{dcmread(path, stop_before_pixels=True).SOPInstanceUID}.dcm"
         target.write_bytes(path.read_bytes())
         files.append(target)
     return files
+
+
+def _outbox_files(folder: Path) -> list[Path]:
+    """A SEG and an SR in an outbox folder."""
+    return _named_by_uid(build_and_save(folder / "built"), folder / "outbox")
 
 
 def test_seg_and_sr_are_stored_and_come_back_the_same(
@@ -96,14 +99,7 @@ def test_many_instances_go_in_chunks(
     orthanc: Orthanc, deliveries: Deliveries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     truth = write_phantom_series(tmp_path / "ct", slices=120, rows=32, cols=32)
-    files = []
-    for path in truth.files:  # outbox naming: one file per SOP Instance UID
-        target = (
-            tmp_path / "outbox" / f"{dcmread(path, stop_before_pixels=True).SOPInstanceUID}.dcm"
-        )
-        target.parent.mkdir(exist_ok=True)
-        target.write_bytes(path.read_bytes())
-        files.append(target)
+    files = _named_by_uid(truth.files, tmp_path / "outbox")
     requests_made: list[int] = []
     store = DICOMwebClient.store_instances
 
