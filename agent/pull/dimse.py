@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import date, timedelta
+from datetime import date
 from io import BytesIO
 from typing import Any, cast
 
@@ -24,17 +23,19 @@ from pynetdicom.status import code_to_category
 
 from agent.connections import close_connection
 from agent.errors import ConfigError
-from agent.pull.source import FoundStudy, SourceRefused, SourceUnavailable, StudyNotFound
-from agent.receive.filemeta import encode_file_meta
-from agent.receive.handlers import (
-    CANNOT_UNDERSTAND,
-    DOES_NOT_MATCH_SOP_CLASS,
-    MISSING_UIDS,
-    OUT_OF_RESOURCES,
-    SUCCESS,
-    UNEXPECTED,
+from agent.pull.checks import Refused, checked
+from agent.pull.source import (
+    FoundStudy,
+    SourceRefused,
+    SourceUnavailable,
+    StudyNotFound,
+    StudyRow,
+    count_in,
+    matching,
+    poll_queries,
 )
-from agent.receive.identify import Unreadable, identify, missing_uids
+from agent.receive.filemeta import encode_file_meta
+from agent.receive.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, UNEXPECTED
 from agent.receive.reads import CappedDataset, bound_datasets
 from agent.receive.scp import TRANSFER_SYNTAXES
 from agent.settings import SourcePoll, SourceSettings
@@ -140,40 +141,12 @@ class DimseSource:
         return self.settings.name
 
     def instance_count(self, study_uid: str) -> int | None:
-        query = _study_query(StudyInstanceUID=study_uid)
-        rows = self._find([query], limit=2)
-        found = [row for row in rows if _text(row, "StudyInstanceUID") == study_uid]
-        if not found:
-            return None
-        count = _int(found[0], "NumberOfStudyRelatedInstances")
-        if count is None:
-            raise SourceRefused(
-                f"C-FIND at {self.name}: no NumberOfStudyRelatedInstances in the answer"
-            )
-        return count
+        rows = self._find([_study_query(StudyInstanceUID=study_uid)], limit=2)
+        return count_in(map(_row, rows), study_uid, f"C-FIND at {self.name}")
 
     def search(self, poll: SourcePoll, today: date) -> list[FoundStudy]:
-        filters: dict[str, str] = {}
-        if poll.study_date_days is not None:
-            first = today - timedelta(days=poll.study_date_days)
-            filters["StudyDate"] = f"{first:%Y%m%d}-{today:%Y%m%d}"
-        # One query per modality: PS3.4 C.2.2.2.1 gives multiple-value matching to UIDs only.
-        queries = [
-            _study_query(**filters, **({"ModalitiesInStudy": modality} if modality else {}))
-            for modality in poll.modalities or (None,)
-        ]
-        found: dict[str, FoundStudy] = {}
-        for row in self._find(queries, limit=poll.limit):
-            uid = _text(row, "StudyInstanceUID")
-            if not uid:
-                continue
-            pattern = poll.study_description
-            if pattern is not None and not fnmatch.fnmatchcase(
-                _text(row, "StudyDescription").lower(), pattern.lower()
-            ):
-                continue
-            found[uid] = FoundStudy(uid, _int(row, "NumberOfStudyRelatedInstances"))
-        return list(found.values())
+        queries = [_study_query(**keys) for keys in poll_queries(poll, today)]
+        return matching(map(_row, self._find(queries, limit=poll.limit)), poll)
 
     def instances(self, study_uid: str) -> Iterator[bytes]:
         what = f"C-GET from {self.name}"
@@ -315,21 +288,10 @@ class _Received:
         raw = request.DataSet.getvalue()
         syntax = event.context.transfer_syntax
         try:
-            ids = identify(raw, syntax)
-        except Unreadable as exc:
+            ids = checked(raw, syntax, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+        except Refused as exc:
             log.warning("refused a retrieved instance: %s", exc)
-            return CANNOT_UNDERSTAND
-        missing = missing_uids(ids)
-        if missing:
-            log.warning("refused a retrieved instance: missing or invalid %s", ", ".join(missing))
-            return MISSING_UIDS
-        # PS3.4 B.2.3: the dataset must be of the SOP Class and Instance the request names.
-        if (ids.sop_class_uid, ids.sop_uid) != (
-            request.AffectedSOPClassUID,
-            request.AffectedSOPInstanceUID,
-        ):
-            log.warning("refused a retrieved instance: it is not the one the request names")
-            return DOES_NOT_MATCH_SOP_CLASS
+            return exc.status
         # The puller checks and writes it as it does a WADO-RS part; no source AE title is
         # kept, as for any pulled instance (it is never checked by count).
         part = encode_file_meta(ids.sop_class_uid, ids.sop_uid, str(syntax), "") + raw
@@ -408,6 +370,14 @@ def _study_query(**matching: str) -> Dataset:
     for keyword, value in matching.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def _row(ds: Dataset) -> StudyRow:
+    return StudyRow(
+        _text(ds, "StudyInstanceUID"),
+        _text(ds, "StudyDescription"),
+        _int(ds, "NumberOfStudyRelatedInstances"),
+    )
 
 
 def _text(ds: Dataset, keyword: str) -> str:

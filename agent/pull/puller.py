@@ -25,9 +25,10 @@ from agent.db.states import State
 from agent.db.values import ArrivedInstance
 from agent.errors import RetryableError
 from agent.logs import log_context, study_key
+from agent.pull.checks import Refused, checked
 from agent.pull.source import SourceRefused, StudyNotFound, StudySource
 from agent.receive.filemeta import encode_file_meta, read_file_meta
-from agent.receive.identify import Unreadable, identify, missing_uids
+from agent.receive.identify import Unreadable
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import write_atomic
@@ -139,19 +140,11 @@ class Puller:
             meta = read_file_meta(fp)
             syntax = UID(meta.transfer_syntax_uid)
             raw = part[fp.tell() :]
-            ids = identify(raw, syntax)
-        except (Unreadable, ValueError) as exc:
+            ids = checked(raw, syntax, meta.sop_class_uid, meta.sop_uid)
+        except (Unreadable, Refused, ValueError) as exc:
             log.warning("refused a pulled instance: %s", exc)
             return None
-        missing = missing_uids(ids)
-        if missing:
-            log.warning("refused a pulled instance: missing or invalid %s", ", ".join(missing))
-            return None
-        # PS3.10 7.1: the meta group names the dataset's SOP Class and Instance; and an
-        # instance of another study than the one asked for is the source's mistake.
-        if (ids.sop_class_uid, ids.sop_uid) != (meta.sop_class_uid, meta.sop_uid):
-            log.warning("refused a pulled instance: its meta group names another instance")
-            return None
+        # An instance of another study than the one asked for is the source's mistake.
         if ids.study_uid != study_uid:
             log.warning("refused a pulled instance: it belongs to another study")
             return None

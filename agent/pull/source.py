@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Protocol
@@ -47,6 +47,53 @@ class FoundStudy:
 
     study_uid: str
     instances: int | None = None
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One study-level match, as either kind of source reads it from its answer."""
+
+    study_uid: str
+    description: str
+    instances: int | None
+
+
+def poll_queries(poll: SourcePoll, today: date) -> list[dict[str, str]]:
+    """The matching keys of a poll's study-level searches, one search per modality: PS3.4
+    C.2.2.2.1 gives multiple-value matching to UIDs only."""
+    filters: dict[str, str] = {}
+    if poll.study_date_days is not None:
+        first = today - timedelta(days=poll.study_date_days)
+        filters["StudyDate"] = f"{first:%Y%m%d}-{today:%Y%m%d}"
+    return [
+        dict(filters, ModalitiesInStudy=modality) if modality else dict(filters)
+        for modality in poll.modalities or (None,)
+    ]
+
+
+def matching(rows: Iterable[StudyRow], poll: SourcePoll) -> list[FoundStudy]:
+    """The studies among `rows` whose description fits the poll's pattern, each once."""
+    pattern = poll.study_description
+    found: dict[str, FoundStudy] = {}
+    for row in rows:
+        if not row.study_uid:
+            continue
+        if pattern is not None and not fnmatch.fnmatchcase(
+            row.description.lower(), pattern.lower()
+        ):
+            continue
+        found[row.study_uid] = FoundStudy(row.study_uid, row.instances)
+    return list(found.values())
+
+
+def count_in(rows: Iterable[StudyRow], study_uid: str, what: str) -> int | None:
+    """NumberOfStudyRelatedInstances of the study among `rows`; None when it is not there."""
+    for row in rows:
+        if row.study_uid == study_uid:
+            if row.instances is None:
+                raise SourceRefused(f"{what}: no NumberOfStudyRelatedInstances in the answer")
+            return row.instances
+    return None
 
 
 class StudySource(Protocol):
@@ -93,39 +140,14 @@ class DicomWebSource:
         rows = self._qido(
             {"StudyInstanceUID": study_uid}, ("NumberOfStudyRelatedInstances",), limit=2
         )
-        found = [row for row in rows if _text(row, _STUDY_UID) == study_uid]
-        if not found:
-            return None
-        count = _int(found[0], _INSTANCES)
-        if count is None:
-            raise SourceRefused(
-                f"QIDO-RS at {self.name}: no NumberOfStudyRelatedInstances in the answer"
-            )
-        return count
+        return count_in(map(_row, rows), study_uid, f"QIDO-RS at {self.name}")
 
     def search(self, poll: SourcePoll, today: date) -> list[FoundStudy]:
-        filters: dict[str, Any] = {}
-        if poll.study_date_days is not None:
-            first = today - timedelta(days=poll.study_date_days)
-            filters["StudyDate"] = f"{first:%Y%m%d}-{today:%Y%m%d}"
         fields = ("NumberOfStudyRelatedInstances", "StudyDescription")
         rows: list[Mapping[str, Any]] = []
-        # One search per modality: PS3.4 C.2.2.2.1 gives multiple-value matching to UIDs only.
-        for modality in poll.modalities or (None,):
-            query = dict(filters, ModalitiesInStudy=modality) if modality else filters
+        for query in poll_queries(poll, today):
             rows += self._qido(query, fields, limit=poll.limit)
-        found: dict[str, FoundStudy] = {}
-        for row in rows:
-            uid = _text(row, _STUDY_UID)
-            if not uid:
-                continue
-            pattern = poll.study_description
-            if pattern is not None and not fnmatch.fnmatchcase(
-                _text(row, _DESCRIPTION).lower(), pattern.lower()
-            ):
-                continue
-            found[uid] = FoundStudy(uid, _int(row, _INSTANCES))
-        return list(found.values())
+        return matching(map(_row, rows), poll)
 
     def instances(self, study_uid: str) -> Iterator[bytes]:
         what = f"WADO-RS from {self.name}"
@@ -168,6 +190,10 @@ def _named(exc: Exception, what: str) -> SourceUnavailable | SourceRefused:
     if failure.retryable:
         return SourceUnavailable(failure.message, failure.retry_after)
     return SourceRefused(failure.message)
+
+
+def _row(row: Mapping[str, Any]) -> StudyRow:
+    return StudyRow(_text(row, _STUDY_UID), _text(row, _DESCRIPTION), _int(row, _INSTANCES))
 
 
 def _value(row: Mapping[str, Any], tag: str) -> Any:

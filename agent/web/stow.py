@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from pydicom.uid import UID
@@ -186,13 +186,12 @@ class StowService:
                 ids = identify_file(fp, UID(syntax))
             except Unreadable as exc:
                 return self._refused(part, _with(named, CANNOT_UNDERSTAND, str(exc)))
-        found = _named(ids)
         if part.refusal is not None:  # the spool was low, or the part over the size limit
-            return self._refused(part, _with(found, *part.refusal))
+            return self._refused(part, _with(ids, *part.refusal))
         missing = missing_uids(ids)
         if missing:
             reason = "missing or invalid " + ", ".join(missing)
-            return self._refused(part, _with(found, MISSING_UIDS, reason))
+            return self._refused(part, _with(ids, MISSING_UIDS, reason))
         # PS3.10 7.1: the meta group names the SOP Class and Instance of the dataset it heads,
         # as a C-STORE request does (PS3.4 B.2.3); where it names them, they must match.
         if meta.sop_class_uid not in ("", ids.sop_class_uid) or meta.sop_uid not in (
@@ -200,20 +199,20 @@ class StowService:
             ids.sop_uid,
         ):
             reason = "SOP Class or Instance UID differs from the file meta information"
-            return self._refused(part, _with(found, DOES_NOT_MATCH_SOP_CLASS, reason))
+            return self._refused(part, _with(ids, DOES_NOT_MATCH_SOP_CLASS, reason))
         if ids.sop_class_uid not in self._policy.sop_classes:
             reason = "not a storage SOP class this receiver accepts"
-            return self._refused(part, _with(found, SOP_CLASS_NOT_SUPPORTED, reason))
+            return self._refused(part, _with(ids, SOP_CLASS_NOT_SUPPORTED, reason))
         if study is not None and ids.study_uid != study:
             # PS3.18 10.5.1: a request to /studies/{study} stores only that study's instances.
             reason = "instance of another study than the request's"
-            return self._refused(part, _with(found, DOES_NOT_MATCH_SOP_CLASS, reason))
+            return self._refused(part, _with(ids, DOES_NOT_MATCH_SOP_CLASS, reason))
         try:
             with part.path.open("rb+") as fp:
                 os.fdatasync(fp.fileno())
         except OSError as exc:
             reason = f"spool write failed: {exc.strerror}"
-            return self._refused(part, _with(found, OUT_OF_RESOURCES, reason))
+            return self._refused(part, _with(ids, OUT_OF_RESOURCES, reason))
         return Result(
             SUCCESS,
             ids.sop_class_uid,
@@ -246,9 +245,7 @@ class StowService:
         failure = admit(self._layout, result, place, self._sink)
         if failure is not None:
             return _with(result, OUT_OF_RESOURCES, failure)
-        return Result(
-            SUCCESS, result.sop_class_uid, result.sop_uid, result.study_uid, result.series_uid
-        )
+        return replace(result, spooled=None)
 
     @staticmethod
     def _answer(results: list[Result]) -> tuple[int, Response]:
@@ -286,22 +283,8 @@ class StowService:
         )
 
 
-def _named(ids: Identifiers) -> Result:
+def _with(named: Result | Identifiers, status: int, reason: str) -> Result:
+    """A refusal of the instance `named` (by its file meta group, or its dataset)."""
     return Result(
-        CANNOT_UNDERSTAND,
-        sop_class_uid=ids.sop_class_uid,
-        sop_uid=ids.sop_uid,
-        study_uid=ids.study_uid,
-        series_uid=ids.series_uid,
-    )
-
-
-def _with(result: Result, status: int, reason: str) -> Result:
-    return Result(
-        status,
-        result.sop_class_uid,
-        result.sop_uid,
-        result.study_uid,
-        result.series_uid,
-        reason,
+        status, named.sop_class_uid, named.sop_uid, named.study_uid, named.series_uid, reason
     )

@@ -82,26 +82,28 @@ class Archive:
 
 
 @pytest.fixture
+def puller(tmp_path: Path) -> Iterator[Puller]:
+    """A puller into a fresh spool and database, with the receiver's limit of 512 KiB."""
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    db = Database(f"sqlite:///{tmp_path / 'agent.db'}")
+    db.create_schema()
+    yield Puller(db, layout, max_instance_bytes=512 * 1024)
+    db.dispose()
+
+
+@pytest.fixture
 def datasets(tmp_path: Path) -> list[Dataset]:
     truth = write_phantom_series(tmp_path / "phantom", slices=4, rows=16, cols=16)
     return [pydicom.dcmread(path) for path in truth.files]
 
 
 def test_a_bad_instance_is_refused_in_the_c_store_and_the_rest_is_pulled(
-    tmp_path: Path, datasets: list[Dataset], caplog: pytest.LogCaptureFixture
+    puller: Puller, datasets: list[Dataset], caplog: pytest.LogCaptureFixture
 ) -> None:
     del datasets[1].SeriesInstanceUID  # the receiver's 0xC001 case
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.create()
-    db = Database(f"sqlite:///{tmp_path / 'agent.db'}")
-    db.create_schema()
-    try:
-        with Archive(datasets) as archive, caplog.at_level(logging.WARNING):
-            result = Puller(db, layout, max_instance_bytes=10**9).pull(
-                archive.source(), archive.study_uid
-            )
-    finally:
-        db.dispose()
+    with Archive(datasets) as archive, caplog.at_level(logging.WARNING):
+        result = puller.pull(archive.source(), archive.study_uid)
     assert (result.stored, result.expected) == (3, 4)
     assert "missing or invalid SeriesInstanceUID" in caplog.text
     assert "C-GET from archive: 1 instances not retrieved (3 sent)" in caplog.text
@@ -118,22 +120,13 @@ def test_an_archive_that_does_not_know_us_is_refused_not_retried(
 
 
 def test_a_retrieved_instance_over_the_size_limit_is_refused_without_being_held(
-    tmp_path: Path, datasets: list[Dataset], caplog: pytest.LogCaptureFixture
+    puller: Puller, datasets: list[Dataset], caplog: pytest.LogCaptureFixture
 ) -> None:
     datasets[2].add_new(0x00091010, "OB", bytes(2 * 1024 * 1024))  # bulk in a private element
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.create()
-    db = Database(f"sqlite:///{tmp_path / 'agent.db'}")
-    db.create_schema()
-    try:
-        with Archive(datasets) as archive, caplog.at_level(logging.WARNING):
-            settings = archive.source().settings
-            source = DimseSource(settings, "PACS_AGENT", max_instance_bytes=512 * 1024)
-            result = Puller(db, layout, max_instance_bytes=512 * 1024).pull(
-                source, archive.study_uid
-            )
-    finally:
-        db.dispose()
+    with Archive(datasets) as archive, caplog.at_level(logging.WARNING):
+        settings = archive.source().settings
+        source = DimseSource(settings, "PACS_AGENT", max_instance_bytes=512 * 1024)
+        result = puller.pull(source, archive.study_uid)
     assert (result.stored, result.expected) == (3, 4)
     assert "refused a retrieved instance of " in caplog.text
     assert "the limit is 524288 bytes" in caplog.text
