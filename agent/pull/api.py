@@ -37,11 +37,14 @@ class ProcessApi:
 
     async def process(self, request: Request) -> Response:
         uid = request.path_params["uid"]
-        body = await request.body()
-        source: str | None = None
-        if body.strip():
+        # Read as it arrives, and stop at the limit: a caller cannot make us hold more.
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
             if len(body) > MAX_BODY_BYTES:
                 return _error(413, "request body too large")
+        source: str | None = None
+        if body.strip():
             try:
                 data = json.loads(body)
             except ValueError:
