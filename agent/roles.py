@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the heavy modules (torch, highdicom, celery) load only for 
 
     from agent.db.values import ArrivedInstance
     from agent.pipeline import PipelineContext
+    from agent.pull.service import Pulls
     from agent.spool.watermark import Watermark
     from agent.web.server import WebServer
 
@@ -101,7 +102,7 @@ def cmd_serve(settings: Settings) -> int:
         ctx.db.dispose()
         where = f"{settings.receiver.host}:{settings.receiver.port}"
         raise AgentError(f"receiver cannot listen on {where}: {exc.strerror}") from exc
-    web = _start_web(settings, ctx, assembler.submit, watermark, server.shutdown)
+    web = _start_web(settings, ctx, assembler.submit, watermark, server.shutdown, pulls)
     assembler.start()
     sweeper = RetentionSweeper(ctx.db, ctx.layout, retention_days=settings.spool.retention_days)
     sweeper.start()
@@ -135,6 +136,7 @@ def _start_web(
     sink: Callable[[ArrivedInstance], None],
     watermark: Watermark,
     stop_receiver: Callable[[], None],
+    pulls: Pulls,
 ) -> WebServer | None:
     """The [web] port, when enabled, with STOW-RS arrivals going where the receiver's go."""
     if not settings.web.enabled:
@@ -142,7 +144,7 @@ def _start_web(
     from agent.web.app import WebServices
     from agent.web.server import start_web
 
-    services = WebServices(settings, ctx.layout, ctx.db, sink, watermark)
+    services = WebServices(settings, ctx.layout, ctx.db, sink, watermark, pulls)
     try:
         return start_web(services)
     except OSError as exc:

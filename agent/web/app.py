@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynetdicom import AllStoragePresentationContexts
 from starlette.applications import Starlette
@@ -19,6 +20,9 @@ from agent.web.api import HEALTH_PATH, Api
 from agent.web.auth import Authenticator, RequireAuth
 from agent.web.stow import StowPolicy, StowService
 
+if TYPE_CHECKING:  # the pull modules load only where sources are configured
+    from agent.pull.service import Pulls
+
 # Paths served without credentials; every other one needs them (or allow_anonymous).
 PUBLIC_PATHS = (HEALTH_PATH,)
 
@@ -33,6 +37,8 @@ class WebServices:
     # Told of each instance stored through STOW-RS, as the receiver tells it (the assembler).
     sink: ArrivalSink
     watermark: Watermark | None = None
+    # The service's pulls (its sources, shared with the pollers); made here when not given.
+    pulls: Pulls | None = None
 
 
 def stow_policy(settings: Settings) -> StowPolicy:
@@ -57,7 +63,7 @@ def routes(services: WebServices) -> list[BaseRoute]:
         from agent.pull.api import ProcessApi
         from agent.pull.service import Pulls
 
-        pulls = Pulls(services.settings, services.db, services.layout)
+        pulls = services.pulls or Pulls(services.settings, services.db, services.layout)
         extra = ProcessApi(pulls).routes()
     return [*Api(services.db, services.watermark).routes(), *stow.routes(), *extra]
 
