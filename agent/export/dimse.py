@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,12 +12,11 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
-from agent.connections import close_connection
+from agent.connections import Refusal, associate, close_connection
 from agent.db.deliveries import ObjectStatus
 from agent.dicom.files import read_header
 from agent.errors import ConfigError, RetryableError
 from agent.settings import DestinationSettings
-from agent.tls import ClientContext, client_context
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +33,15 @@ def _ae(calling_ae: str) -> AE:
 def _associate(ae: AE, destination: DestinationSettings) -> Association:
     """An established association, over TLS when the destination has a `tls` table.
 
-    RetryableError says why none was established; ConfigError names an unusable TLS file.
+    RetryableError says why none was established (a destination's refusal may be lifted by
+    its administrator, so every one is retried); ConfigError names an unusable TLS file.
     """
     host, port, ae_title = _address(destination)
-    ctx: ClientContext | None = None
-    tls_args: tuple[ssl.SSLContext, str] | None = None
-    if destination.tls is not None:
-        try:
-            ctx = client_context(destination.tls)
-        except ConfigError as exc:
-            raise ConfigError(f"destination {destination.name}: TLS: {exc}") from exc
-        tls_args = (ctx, destination.tls.server_name or host)
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
-    if assoc.is_established:
-        sock = assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            # Each C-STORE request waits for its response: without this, Nagle's algorithm and
-            # the peer's delayed ACK add ~40 ms to every instance (10 s for a 300-slice study).
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return assoc
-    close_connection(assoc)
-    if ctx is not None and ctx.failure is not None:
-        raise RetryableError(f"destination {destination.name}: TLS failed: {ctx.failure}")
-    if assoc.is_rejected and assoc.acceptor.primitive is not None:
-        rj = assoc.acceptor.primitive
-        # PS3.8 Table 9-21: result, source and reason say who refused and why.
-        raise RetryableError(
-            f"destination {destination.name}: association rejected (result {rj.result}, "
-            f"source {rj.result_source}, reason {rj.diagnostic})"
-        )
-    raise RetryableError(f"destination {destination.name}: association refused or failed")
+    who = f"destination {destination.name}"
+    got = associate(ae, host, port, ae_title, destination.tls, who=who)
+    if isinstance(got, Refusal):
+        raise RetryableError(f"{who}: {got.reason or 'association refused or failed'}")
+    return got
 
 
 def _address(destination: DestinationSettings) -> tuple[str, int, str]:

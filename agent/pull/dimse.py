@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.status import code_to_category
 
-from agent.connections import close_connection
+from agent.connections import Refusal, associate, close_connection
 from agent.errors import ConfigError
 from agent.pull.checks import Refused, checked
 from agent.pull.source import (
@@ -39,7 +39,6 @@ from agent.receive.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS,
 from agent.receive.reads import CappedDataset, bound_datasets
 from agent.receive.scp import TRANSFER_SYNTAXES
 from agent.settings import SourcePoll, SourceSettings
-from agent.tls import ClientContext, client_context
 
 log = logging.getLogger(__name__)
 
@@ -200,32 +199,13 @@ class DimseSource:
         """An established association, over TLS when the source has a `tls` table; raises
         SourceUnavailable (or SourceRefused for a permanent rejection) otherwise."""
         host, port, ae_title = self._address
-        ctx: ClientContext | None = None
-        tls_args = None
-        if self.settings.tls is not None:
-            try:
-                ctx = client_context(self.settings.tls)
-            except ConfigError as exc:
-                raise ConfigError(f"source {self.name}: TLS: {exc}") from exc
-            tls_args = (ctx, self.settings.tls.server_name or host)
-        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args, **kwargs)
-        if assoc.is_established:
-            return assoc
-        close_connection(assoc)
-        if ctx is not None and ctx.failure is not None:
-            raise SourceUnavailable(f"{what}: TLS failed: {ctx.failure}")
-        if assoc.is_rejected and assoc.acceptor.primitive is not None:
-            rj = assoc.acceptor.primitive
-            # PS3.8 Table 9-21: result 1 is rejected-permanent (say, our AE title is not
-            # known there), which asking again does not change; 2 is transient.
-            message = (
-                f"{what}: association rejected (result {rj.result}, "
-                f"source {rj.result_source}, reason {rj.diagnostic})"
-            )
-            if rj.result == 0x01:
-                raise SourceRefused(message)
-            raise SourceUnavailable(message)
-        raise SourceUnavailable(f"{what}: connection failed")
+        got = associate(
+            ae, host, port, ae_title, self.settings.tls, who=f"source {self.name}", **kwargs
+        )
+        if isinstance(got, Refusal):
+            message = f"{what}: {got.reason or 'connection failed'}"
+            raise SourceRefused(message) if got.permanent else SourceUnavailable(message)
+        return got
 
     def _find(self, queries: Sequence[Dataset], *, limit: int) -> list[Dataset]:
         """Every match of the queries (each cut at `limit`), on one association."""
