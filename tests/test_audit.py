@@ -313,7 +313,12 @@ def test_without_configuration_every_call_is_a_no_op(tmp_path: Path) -> None:
 def test_a_failing_audit_file_never_raises_into_the_caller(
     audit_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (handler,) = logging.getLogger(audit.AUDIT_LOGGER).handlers
+    # The audit file's own handler (pytest may add a capture handler of its own).
+    (handler,) = [
+        h
+        for h in logging.getLogger(audit.AUDIT_LOGGER).handlers
+        if isinstance(h, logging.FileHandler)
+    ]
 
     def broken(_record: logging.LogRecord) -> str:
         raise OSError("disk gone")
