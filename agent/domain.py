@@ -95,6 +95,9 @@ class Manifest:
     revision: int = 1
     # Decided once, when the study is sealed (its sender, its models); the job's queues follow it.
     priority: Priority = Priority.NORMAL
+    # What the study's final state must say about its input (policy.PARTIAL: sealed while
+    # instances may be missing); empty when the input is the whole study as sent.
+    note: str = ""
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -107,6 +110,7 @@ class Manifest:
                 "study_uid": self.study_uid,
                 "revision": self.revision,
                 "priority": self.priority.value,
+                "note": self.note,
                 "inputs": [
                     {
                         "model": i.model,
@@ -128,6 +132,7 @@ class Manifest:
             revision=int(raw.get("revision", 1)),
             # Manifests written before priorities existed are normal.
             priority=Priority(raw.get("priority", Priority.NORMAL)),
+            note=str(raw.get("note", "")),
             inputs=tuple(
                 ModelInput(
                     model=i["model"],

@@ -216,6 +216,8 @@ def export(ctx: PipelineContext, job_id: str) -> None:
         )
         if report.warnings:
             outcome += " (" + "; ".join(report.warnings) + ")"
+        if manifest.note:
+            outcome += f"; {manifest.note}"
         ctx.db.transition(
             manifest.study_uid,
             State.DONE,

@@ -23,7 +23,7 @@ from agent.spool.layout import SpoolLayout
 if TYPE_CHECKING:  # the heavy modules (torch, highdicom, celery) load only for the roles using them
     from celery import Celery
 
-    from agent.db.values import ArrivedInstance
+    from agent.db.values import SenderNews
     from agent.pipeline import PipelineContext
     from agent.pull.service import Pulls
     from agent.spool.watermark import Watermark
@@ -93,6 +93,8 @@ def cmd_serve(settings: Settings) -> int:
         counts=pulls.counts(),
         verify_after=settings.study.verify_after_seconds,
         urgent_senders=settings.queue.urgent_senders,
+        sender_retry_seconds=settings.study.sender_retry_seconds,
+        max_wait_seconds=settings.study.max_wait_seconds,
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
     watermark = Watermark.from_settings(settings.spool)
@@ -133,7 +135,7 @@ def cmd_serve(settings: Settings) -> int:
 def _start_web(
     settings: Settings,
     ctx: PipelineContext,
-    sink: Callable[[ArrivedInstance], None],
+    sink: Callable[[SenderNews], None],
     watermark: Watermark,
     stop_receiver: Callable[[], None],
     pulls: Pulls,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 
 from tests.support.ci import unavailable
 from tests.support.ports import free_port
+from tests.support.postgres import Cluster
 
 
 def _listening(port: int) -> bool:
@@ -56,14 +55,6 @@ def redis_url() -> Iterator[str]:
         proc.wait(10)
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL database, emptied first: the local one, else a throwaway cluster."""
@@ -79,48 +70,8 @@ def postgres_url() -> Iterator[str]:
             unavailable(f"PostgreSQL on 127.0.0.1:5432 refused: {exc}")
         yield url
         return
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        unavailable("no PostgreSQL on 127.0.0.1:5432 and no initdb/pg_ctl to start one")
-    assert initdb is not None and pg_ctl is not None
-    work = Path(tempfile.mkdtemp(prefix="pg-"))
-    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if user:
-        shutil.chown(work, "postgres")
-    port = free_port()
-    subprocess.run(
-        [*user, initdb, "-D", str(work / "data"), "-A", "trust", "-U", "postgres"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *user,
-            pg_ctl,
-            "-D",
-            str(work / "data"),
-            "-l",
-            str(work / "log"),
-            "-w",
-            "-o",
-            f"-p {port} -k {work} -h 127.0.0.1",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        with psycopg.connect(
-            f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True
-        ) as conn:
-            conn.execute("CREATE DATABASE test")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/test"
-    finally:
-        subprocess.run(
-            [*user, pg_ctl, "-D", str(work / "data"), "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(work, ignore_errors=True)
+    with Cluster() as cluster:
+        yield cluster.url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from agent.assembly.counts import CountCheck, SourceCounts
-from agent.assembly.policy import Clock, is_complete
+from agent.assembly.inbox import Inbox
+from agent.assembly.policy import QUIET_PERIOD, Clock, Decision, Interrupted, decide
 from agent.assembly.sealing import PULLED_FROM, Sealer
 from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
 from agent.db.switches import HELD, ModelSwitches, held, in_state
-from agent.db.values import ArrivedInstance
+from agent.db.values import ArrivedInstance, CleanSend, Interruption, SenderNews
 from agent.domain import Manifest
-from agent.errors import RetryableError
+from agent.errors import AgentError, RetryableError
 from agent.logs import log_context
 from agent.periodic import Periodic
 from agent.settings import ModelSettings
@@ -32,12 +33,11 @@ Enqueue = Callable[[str, Path], None]
 WAITING_FOR_BROKER = "waiting for broker"
 # Set by `pacs-agent retry` on a failed study; the running service sends its job again.
 RETRY_REQUESTED = "retry requested"
-# Why a study was sealed, as its `complete` transition records it (or COUNTS_MATCHED, counts.py).
-QUIET_PERIOD = "quiet period"
-# Arrivals are written to the database in batches gathered for at most this long; the quiet
-# period is measured from each instance's own arrival time, so batching does not delay it.
-BATCH_SECONDS = 0.5
-BATCH_MAX = 2000
+__all__ = ["QUIET_PERIOD", "RETRY_REQUESTED", "WAITING_FOR_BROKER", "Assembler", "Enqueue"]
+# A study whose sealing failed (the database, the disk) is tried again after this long, twice
+# as long after each further failure, up to the cap: back within a minute of the cause going.
+SEAL_RETRY_SECONDS = 2.0
+SEAL_RETRY_MAX_SECONDS = 30.0
 
 
 class Assembler:
@@ -71,10 +71,14 @@ class Assembler:
         counts: SourceCounts | None = None,
         verify_after: float = 2.0,
         urgent_senders: Sequence[str] = (),
+        sender_retry_seconds: float = 0.0,
+        max_wait_seconds: float | None = None,
     ) -> None:
         self._db = db
         self._layout = layout
         self._quiet = quiet_seconds
+        self._sender_retry = sender_retry_seconds
+        self._max_wait = max_wait_seconds
         self._models = models
         self._enqueue = enqueue
         self._clock = clock
@@ -87,16 +91,21 @@ class Assembler:
         self._job_models: dict[str, tuple[str, ...]] = {}
         # When this process last sent each in-flight job again, so it waits `stale_after` anew.
         self._resent: dict[str, datetime] = {}
-        # The quiet period counts only while this process listens (see `resume`).
-        self._resumed_at: datetime | None = None
-        self._inbox: queue.Queue[ArrivedInstance] = queue.Queue()
+        # The quiet period counts only while this process listens (see `resume`): monotonic.
+        self._resumed_at: float | None = None
+        self._inbox = Inbox(clock.monotonic)
+        # Since when the database has refused the inbox's batch (monotonic), to say so once.
+        self._db_down_since: float | None = None
+        # A study whose sealing failed: when to try again (monotonic) and the delay after that.
+        self._seal_retry: dict[str, tuple[float, float]] = {}
         # drain() itself waits up to a tick for arrivals, so the loop runs again at once.
         self._loop = Periodic("assembler", self._iteration, interval=0, pause=self._tick)
 
     # -- called from receiver threads ---------------------------------------------------------
 
-    def submit(self, arrival: ArrivedInstance) -> None:
-        self._inbox.put(arrival)
+    def submit(self, news: SenderNews) -> None:
+        """An instance stored (or an association's outcome): recorded by the loop."""
+        self._inbox.put(news)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -110,7 +119,8 @@ class Assembler:
         # A crash cut the associations of any study still arriving, and its senders re-send;
         # the time the agent was down is no silence, so those studies get a full quiet period
         # rather than being sealed at once with part of their instances.
-        self._resumed_at = self._clock.now()
+        self._resumed_at = self._clock.monotonic()
+        resumed_at = self._clock.now()
         stray = clear_partial_writes(self._layout)
         if stray:
             log.info("removed %d partial writes that were never acknowledged", stray)
@@ -123,7 +133,8 @@ class Assembler:
             # A held job is sent by the loop, once its models are on (`retry_waiting`).
             if study.job_id is not None and not study.reason.startswith(HELD):
                 self._send(study.study_uid, study.study_key, study.job_id)
-                self._resent[study.job_id] = self._resumed_at
+                self._resent[study.job_id] = resumed_at
+        # A stop between sealing and queueing left these `complete`.
         for study in self._db.in_states([State.COMPLETE]):
             self._seal(study)
 
@@ -132,10 +143,16 @@ class Assembler:
 
     def stop(self) -> None:
         self._loop.stop()
-        self.drain()
+        with contextlib.suppress(RetryableError):
+            self.drain()
 
     def _iteration(self) -> None:
-        self.drain(wait=self._tick)
+        try:
+            self.drain(wait=self._tick)
+        except RetryableError:
+            # Nothing is sealed from a database that lacks arrivals; the batch is kept.
+            self._loop.stopping.wait(self._tick)
+            return
         self.seal_quiet_studies()
         self.retry_waiting()
         self.requeue_stale()
@@ -143,46 +160,95 @@ class Assembler:
     # -- one step each (also called directly by tests) ------------------------------------------
 
     def drain(self, wait: float = 0.0) -> int:
-        """Record queued arrivals in one transaction; returns how many.
+        """Record the receivers' news in one transaction; returns how many instances.
 
-        With `wait`, block for the first arrival, then keep gathering for up to BATCH_SECONDS
-        so that a study arriving at full speed costs a few transactions, not one per instance.
+        When the database fails, the batch stays in the inbox and RetryableError is raised;
+        the next call offers it again with whatever arrived meanwhile. The outage is logged
+        once when it begins and once when it ends, not on every try.
         """
-        batch: list[ArrivedInstance] = []
+        batch = self._inbox.take(wait)
+        if not batch:
+            return 0
+        arrivals = [n for n in batch if isinstance(n, ArrivedInstance)]
+        news = [n for n in batch if isinstance(n, Interruption | CleanSend)]
         try:
-            batch.append(self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait())
-            deadline = time.monotonic() + (BATCH_SECONDS if wait else 0.0)
-            while len(batch) < BATCH_MAX:
-                remaining = deadline - time.monotonic()
-                batch.append(
-                    self._inbox.get(timeout=remaining)
-                    if remaining > 0
-                    else self._inbox.get_nowait()
+            self._db.record_arrivals(arrivals, news)
+        except SQLAlchemyError as exc:
+            if self._db_down_since is None:
+                self._db_down_since = self._clock.monotonic()
+                log.error(
+                    "database unavailable (%s): %d arrivals kept in memory until it answers",
+                    describe(exc),
+                    len(arrivals),
                 )
-        except queue.Empty:
-            pass
-        if batch:
-            self._db.record_arrivals(batch)
-        return len(batch)
+            raise RetryableError("database unavailable") from exc
+        self._inbox.recorded()
+        if self._db_down_since is not None:
+            log.warning(
+                "database available again after %.0f s: %d arrivals recorded",
+                self._clock.monotonic() - self._db_down_since,
+                len(arrivals),
+            )
+            self._db_down_since = None
+        return len(arrivals)
 
     def seal_quiet_studies(self) -> None:
-        now = self._clock.now()
-        receiving = self._db.in_states([State.RECEIVING])
+        """Seal each receiving study the policy calls complete; seal again each study that
+        a failure (the database, the disk) left `complete`."""
+        now = self._clock.monotonic()
+        wall = self._clock.now()
+        studies = self._db.in_states([State.RECEIVING, State.COMPLETE])
+        receiving = [s for s in studies if s.state == State.RECEIVING]
         if self._counts is not None:
             self._counts.keep_only(receiving)
-        for study in receiving:
-            if study.reason.startswith(PULLED_FROM):
+        for study in studies:
+            if study.state == State.COMPLETE:
+                self._seal(study)
+            elif study.reason.startswith(PULLED_FROM):
                 self._seal(study, study.reason.split(":", 1)[0])
-                continue
-            last = _utc(study.last_arrival)
-            if self._resumed_at is not None:
-                last = max(last, self._resumed_at)
-            if is_complete(last, now, self._quiet):
-                self._seal(study, QUIET_PERIOD)
-            elif self._counts is not None:
-                matched = self._counts.matched(study, last, now)
-                if matched is not None:
-                    self._seal(study, matched)
+            elif not self._inbox.unrecorded(study.study_uid):
+                self._decide(study, now, wall)
+
+    def _decide(self, study: Study, now: float, wall: datetime) -> None:
+        """Seal a receiving study, or say what it waits for, as the policy decides."""
+        uid = study.study_uid
+        last = self._inbox.last_arrival(uid)
+        if last is None:  # recorded by another process (a pull), or before this one started
+            last = now - (wall - _utc(study.last_arrival)).total_seconds()
+        if self._resumed_at is not None:
+            last = max(last, self._resumed_at)
+        interrupted = None
+        if study.interruption:
+            before = self._resumed_at if self._resumed_at is not None else now
+            since = self._inbox.interrupted(uid, otherwise=before)
+            interrupted = Interrupted(since, study.interruption)
+        decision = decide(
+            now,
+            last_arrival=last,
+            opened=self._inbox.opened(uid, otherwise=last),
+            quiet_seconds=self._quiet,
+            interrupted=interrupted,
+            sender_retry_seconds=self._sender_retry,
+            max_wait_seconds=self._max_wait,
+        )
+        if decision.seal:
+            self._seal(study, decision.why)
+        elif decision.waiting:
+            self._say_waiting(study, decision)
+        elif self._counts is not None:
+            matched = self._counts.matched(study, last, now)
+            if matched is not None:
+                self._seal(study, matched)
+
+    def _say_waiting(self, study: Study, decision: Decision) -> None:
+        """Put what a receiving study waits for in its state's reason, once."""
+        if study.reason == decision.waiting:
+            return
+        with log_context(study=study.study_key), contextlib.suppress(InvalidTransition):
+            self._db.transition(
+                study.study_uid, State.RECEIVING, decision.waiting, expect_state=[State.RECEIVING]
+            )
+            log.warning("study %s", decision.waiting)
 
     def retry_waiting(self) -> None:
         """Send the queued jobs that wait: for the broker, for `pacs-agent retry`, or (held) for
@@ -250,8 +316,27 @@ class Assembler:
                     log.warning("cannot enqueue yet: %s", exc)
 
     def _seal(self, study: Study, why: str = "") -> None:
+        """Seal the study and send (or hold) its job. A failure of the database or the disk
+        leaves it receiving or complete, and it is tried again after a pause that grows."""
+        uid = study.study_uid
+        now = self._clock.monotonic()
+        due, delay = self._seal_retry.get(uid, (now, SEAL_RETRY_SECONDS))
+        if now < due:
+            return
         with log_context(study=study.study_key):
-            job = self._sealer.seal(study, why)
+            try:
+                job = self._sealer.seal(study, why)
+            except (SQLAlchemyError, OSError, AgentError) as exc:
+                log.warning(
+                    "study %s: sealing interrupted (%s); trying again in %.0f s",
+                    study.study_key,
+                    describe(exc),
+                    delay,
+                )
+                self._seal_retry[uid] = (now + delay, min(2 * delay, SEAL_RETRY_MAX_SECONDS))
+                return
+            self._seal_retry.pop(uid, None)
+            self._inbox.sealed(uid)
             if job is None:
                 return
             if job.waits_for:
@@ -309,6 +394,15 @@ class Assembler:
     def _db_reason_is_waiting(self, study_uid: str) -> bool:
         study = self._db.get(study_uid)
         return study is not None and study.reason.startswith(WAITING_FOR_BROKER)
+
+
+def describe(exc: BaseException) -> str:
+    """An error in words fit for a log line: no library's class names, no values."""
+    if isinstance(exc, SQLAlchemyError):
+        return "database error"
+    if isinstance(exc, OSError):
+        return exc.strerror or "input/output error"
+    return str(exc)
 
 
 def _utc(value: datetime) -> datetime:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol
 
 from pydicom.errors import InvalidDicomError
@@ -37,7 +36,7 @@ class SourceCounts(Protocol):
 class _CountCheck:
     """When a quiet study is next asked about, for its current silence."""
 
-    last_arrival: datetime
+    last_arrival: float  # monotonic
     due_after: float
     sender: str | None = None
 
@@ -61,14 +60,15 @@ class CountCheck:
             s.study_uid: self._checks[s.study_uid] for s in receiving if s.study_uid in self._checks
         }
 
-    def matched(self, study: Study, last: datetime, now: datetime) -> str | None:
-        """ "counts matched (...)" when the study's source lists as many instances as we hold."""
+    def matched(self, study: Study, last: float, now: float) -> str | None:
+        """ "counts matched (...)" when the study's source lists as many instances as we hold;
+        `last` (its last arrival) and `now` on the assembler's monotonic clock."""
         check = self._checks.get(study.study_uid)
         if check is None or check.last_arrival != last:
             sender = check.sender if check is not None else None
             check = _CountCheck(last, self._verify_after, sender)
             self._checks[study.study_uid] = check
-        if (now - last).total_seconds() < check.due_after:
+        if now - last < check.due_after:
             return None
         check.due_after *= 2
         if check.sender is None:

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 
 from agent.assembly.admission import study_priority, without_switched_off
 from agent.assembly.counts import study_sender
+from agent.assembly.policy import PARTIAL
 from agent.assembly.rules import select
 from agent.db.database import Database
 from agent.db.schema import Study
@@ -69,7 +70,11 @@ class Sealer:
 
     def seal(self, study: Study, why: str = "") -> QueuedJob | None:
         """Seal a receiving (or complete) study, `why` as its `complete` transition says;
-        the job queued, or None when the study was skipped or is done again."""
+        the job queued, or None when the study was skipped or is done again.
+
+        A study left `complete` (a stop or a failure after that transition) is sealed again
+        with the `why` its transition recorded.
+        """
         with log_context(study=study.study_key):
             paths = [p for p in self._db.instance_paths(study.id) if p.exists()]
             if study.state == State.RECEIVING:
@@ -82,6 +87,9 @@ class Sealer:
                 )
                 if why:
                     log.info("study sealed: %s", why)
+            elif not why:
+                why = study.reason.rpartition("; ")[0]
+            note = why if PARTIAL in why else ""
             headers = _readable_headers(paths)
             states = self._switches.effective(self._models)
             choices = without_switched_off(select(headers, self._models), states)
@@ -113,12 +121,14 @@ class Sealer:
             job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
             sender = study_sender(self._db, study) if self._urgent_senders else ""
             priority, urgent = study_priority(inputs, self._models, sender, self._urgent_senders)
-            manifest = Manifest(job_id, study.study_uid, inputs, revision, priority)
+            manifest = Manifest(job_id, study.study_uid, inputs, revision, priority, note)
             manifest_path = self._layout.manifest_path(job_id)
             write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
             summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
             if urgent:
                 summary += f"; urgent ({urgent})"
+            if note:
+                summary += f"; {note}"
             waits_for = in_state(manifest.models, states, "paused")
             self._db.transition(
                 study.study_uid,

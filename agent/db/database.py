@@ -16,7 +16,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from agent.db import schema
 from agent.db.schema import Instance, Study, Transition
 from agent.db.states import InvalidTransition, State, Superseded, allowed
-from agent.db.values import ArrivedInstance, StudyStatus
+from agent.db.values import ArrivedInstance, CleanSend, Interruption, StudyStatus
 from agent.errors import PermanentError
 from agent.logs import study_key
 
@@ -52,11 +52,15 @@ class Database:
 
     # -- arrivals ---------------------------------------------------------------------------
 
-    def record_arrivals(self, arrivals: Iterable[ArrivedInstance]) -> list[str]:
+    def record_arrivals(
+        self, arrivals: Iterable[ArrivedInstance], news: Iterable[Interruption | CleanSend] = ()
+    ) -> list[str]:
         """Store newly spooled instances; reopen a study that had moved on. Returns touched keys.
 
         One transaction and two queries per study however large the batch: this runs while a
         modality is still sending, and every millisecond here is taken from the receiver.
+        `news` of the senders' associations, recorded in the same transaction after the
+        arrivals, marks a receiving study interrupted, or clears that after a clean re-send.
         """
         by_study: dict[str, dict[str, ArrivedInstance]] = {}
         for a in arrivals:
@@ -103,7 +107,23 @@ class Database:
                     self._move(s, study, State.RECEIVING, "new instance after " + study.state)
                     study.job_id = None
                 keys.append(study.study_key)
+            for item in news:
+                self._note_sender(s, item)
         return keys
+
+    @staticmethod
+    def _note_sender(s: Session, item: Interruption | CleanSend) -> None:
+        """Mark a receiving study's delivery interrupted, or clear that when a re-send that
+        began after the interruption went through cleanly. A study that has moved on keeps
+        nothing: an instance the sender sends again reopens it anyway."""
+        study = s.scalar(select(Study).where(Study.study_uid == item.study_uid))
+        if study is None or study.state != State.RECEIVING:
+            return
+        if isinstance(item, Interruption):
+            study.interruption = item.what
+            study.interrupted_at = item.at
+        elif study.interruption and item.began > as_utc(study.interrupted_at):
+            study.interruption = ""
 
     @staticmethod
     def _study_for_arrivals(s: Session, study_uid: str, batch: Iterable[ArrivedInstance]) -> Study:
@@ -269,6 +289,8 @@ class Database:
                 study.done_digest = study.input_digest
             if target is State.EXPORTING and study.state == State.EXPORTING:
                 study.attempts += 1
+            if target is State.COMPLETE:
+                study.interruption = ""  # sealed: what the sealing reason says stands for it
             self._move(s, study, target, reason)
 
     @staticmethod

@@ -65,6 +65,13 @@ class Study(Base):
     purged_at: Mapped[datetime] = mapped_column(
         UtcDateTime(), default=NEVER_PURGED, server_default="1970-01-01 00:00:00+00:00"
     )
+    # Why the sender's delivery of the study was last cut short (an association aborted, an
+    # instance refused for want of resources) and when; empty once a clean re-send, begun
+    # after it, makes up for it, or once the study is sealed.
+    interruption: Mapped[str] = mapped_column(Text, default="", server_default="")
+    interrupted_at: Mapped[datetime] = mapped_column(
+        UtcDateTime(), default=NEVER_PURGED, server_default="1970-01-01 00:00:00+00:00"
+    )
 
 
 class Instance(Base):

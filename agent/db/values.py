@@ -30,3 +30,27 @@ class ArrivedInstance:
     sop_class_uid: str
     path: Path
     received_at: datetime
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """A sender's delivery of a study cut short: its association aborted or dropped, or an
+    instance of it refused for a reason that passes (out of resources). The sender is expected
+    to send again, so the study waits for that before it is sealed."""
+
+    study_uid: str
+    at: datetime
+    what: str
+
+
+@dataclass(frozen=True)
+class CleanSend:
+    """An association that began at `began`, stored instances of a study, refused none and
+    ended with a release: a re-send after an interruption before `began` makes up for it."""
+
+    study_uid: str
+    began: datetime
+
+
+# What the receiver tells the assembler, in the order it happened.
+SenderNews = ArrivedInstance | Interruption | CleanSend

@@ -17,7 +17,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from agent.connections import close_connection, close_reliably
-from agent.db.values import ArrivedInstance
+from agent.db.values import SenderNews
 from agent.dicom.uids import is_valid_uid
 from agent.receive.auditing import record_rejection
 from agent.receive.filemeta import encode_file_meta
@@ -39,9 +39,10 @@ CANNOT_UNDERSTAND = 0xC000
 MISSING_UIDS = 0xC001
 UNEXPECTED = 0xC0FF
 
-ArrivalSink = Callable[[ArrivedInstance], None]
-# Told each C-STORE's outcome: the association, the study (None if unread), stored or refused.
-StoreRecorder = Callable[[Association, str | None, bool], None]
+# Where arrivals go (the assembler's inbox), and with them how each association ended.
+ArrivalSink = Callable[[SenderNews], None]
+# Told each C-STORE's outcome: the association, the study (None if unread), the status sent.
+StoreRecorder = Callable[[Association, str | None, int], None]
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -83,7 +84,8 @@ class StoreHandler:
             log.exception("unexpected error storing an instance")
             status = _status(UNEXPECTED, "internal error, instance not stored")
         if self._record is not None:
-            self._record(event.assoc, study_uid, isinstance(status, int) and status == SUCCESS)
+            code = status if isinstance(status, int) else int(status.Status)
+            self._record(event.assoc, study_uid, code)
         return status
 
     def _store(self, event: Event) -> tuple[int | Dataset, str | None]:

@@ -179,7 +179,8 @@ def start_receiver(
             "[receiver] allowed_callers to restrict it"
         )
     ae = build_ae(settings)
-    associations = AssociationAudit()
+    # The assembler hears how each association ended for each study, as it hears arrivals.
+    associations = AssociationAudit(report=sink)
     handlers: list[Any] = [
         (
             evt.EVT_C_STORE,

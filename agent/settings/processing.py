@@ -19,6 +19,14 @@ class StudySettings(_Section):
     # against that source (its NumberOfStudyRelatedInstances) after this many quiet seconds,
     # then again after twice, four times as many, ...; it starts as soon as the counts match.
     verify_after_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # A study whose delivery was cut short in its last quiet period (an association aborted or
+    # dropped, an instance refused with 0xA7xx Out of Resources) is not sealed on the quiet
+    # period: it waits this long for the sender to send again, then is sealed with a note that
+    # its input may be partial.
+    sender_retry_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # A study still receiving this long after it opened (a sender that trickles instances
+    # just inside the quiet period) is sealed anyway, with a note; later instances reopen it.
+    max_wait_seconds: Annotated[float, Field(gt=0)] = 3600.0
 
 
 class QueueSettings(_Section):

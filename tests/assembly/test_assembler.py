@@ -36,11 +36,17 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 class FakeClock:
+    """Wall clock and monotonic clock in step, unless a test steps the wall clock alone."""
+
     def __init__(self) -> None:
         self.at = T0
+        self.wall_step = timedelta(0)
 
     def now(self) -> datetime:
-        return self.at
+        return self.at + self.wall_step
+
+    def monotonic(self) -> float:
+        return (self.at - T0).total_seconds()
 
 
 class Recorder:

@@ -40,6 +40,9 @@ class Clock:
     def now(self) -> datetime:
         return self.t
 
+    def monotonic(self) -> float:
+        return self.t.timestamp()
+
 
 @pytest.fixture
 def layout(tmp_path: Path) -> SpoolLayout:

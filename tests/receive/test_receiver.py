@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pynetdicom import AE, Association, _config
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from agent.db.values import CleanSend, Interruption
 from agent.settings import AllowedCaller
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
@@ -296,3 +298,59 @@ def test_syntax_without_decoder_is_still_stored(receiver: Receiver, tmp_path: Pa
     assert status.Status == 0x0000
     (path,) = receiver.spooled()
     assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == jpeg_xl
+
+
+def _news_for(receiver: Receiver, count: int) -> list[object]:
+    """The association news the receiver gave, once `count` of them have come (the outcome is
+    reported when the association's own thread ends, just after the peer sees it end)."""
+    deadline = time.monotonic() + 10
+    while len(receiver.news) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return list(receiver.news)
+
+
+def test_the_assembler_hears_how_each_association_ended_for_each_study(
+    receiver: Receiver,
+) -> None:
+    first, second = minimal_ct(), minimal_ct()
+    second.StudyInstanceUID = first.StudyInstanceUID
+    ae = _associate(receiver.port)
+
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(first).Status == 0x0000
+    assoc.release()
+    (clean,) = _news_for(receiver, 1)
+    assert isinstance(clean, CleanSend) and clean.study_uid == first.StudyInstanceUID
+
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(second).Status == 0x0000
+    assoc.abort()
+    _, cut = _news_for(receiver, 2)
+    assert cut == Interruption(
+        first.StudyInstanceUID, cut.at, "association aborted after 1 instances"
+    )  # type: ignore[union-attr]
+    assert cut.at > clean.began  # type: ignore[union-attr]
+
+
+def test_instances_refused_for_resources_interrupt_the_study_and_others_do_not(
+    receiver: Receiver,
+) -> None:
+    stored, refused = minimal_ct(), minimal_ct()
+    refused.StudyInstanceUID = stored.StudyInstanceUID
+    unreadable = minimal_ct()
+    unreadable.StudyInstanceUID = stored.StudyInstanceUID
+    del unreadable.SeriesInstanceUID  # refused as it is: no re-send would change that
+    assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(stored).Status == 0x0000
+    assert assoc.send_c_store(unreadable).Status == 0xC001
+    assoc.release()
+    (clean,) = _news_for(receiver, 1)
+    assert isinstance(clean, CleanSend)
+
+    receiver.layout.tmp.rmdir()  # every write fails now, as on a full disk: 0xA700
+    assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(refused).Status == 0xA700
+    assoc.release()
+    _, cut = _news_for(receiver, 2)
+    assert isinstance(cut, Interruption)
+    assert cut.what == "1 instances refused for resources"

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
-from agent.db.values import ArrivedInstance
+from agent.db.values import ArrivedInstance, SenderNews
 from agent.receive.scp import start_receiver
 from agent.settings import ReceiverSettings
 from agent.spool.layout import SpoolLayout
@@ -33,10 +33,15 @@ class Receiver:
         self.layout = SpoolLayout(root)
         self.layout.create()
         self.arrivals: list[ArrivedInstance] = []
+        # How each association ended for each study: Interruption or CleanSend.
+        self.news: list[SenderNews] = []
         self.server: ThreadedAssociationServer = start_receiver(
-            settings, self.layout, self.arrivals.append, watermark
+            settings, self.layout, self._sink, watermark
         )
         self.port: int = self.server.server_address[1]
+
+    def _sink(self, news: SenderNews) -> None:
+        (self.arrivals if isinstance(news, ArrivedInstance) else self.news).append(news)
 
     def spooled(self) -> list[Path]:
         return sorted(self.layout.studies.glob("*/*/*.dcm"))
