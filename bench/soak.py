@@ -1,12 +1,15 @@
 """Soak benchmark: concurrent senders, many studies, every process killed on a schedule.
 
 K storescu senders share N small phantom studies; `pacs-agent serve`, one gpu worker and one io
-worker run on our own Redis (nothing on disk) and SQLite, with a real Orthanc as the PACS. While
-the studies arrive and are processed, a schedule kills each kind of process (SIGKILL; Redis kill
--9; Orthanc stopped and started) and starts it again; a sender whose send fails sends the whole
-study again, as a modality does. At the end (bounded wait) it prints studies sent, studies with
-results in the PACS, duplicates, lost, the longest delay from the last instance sent to the
-result in the PACS, and the kills made. See bench/README.md.
+worker run on our own Redis (nothing on disk) and our own PostgreSQL, with a real Orthanc as the
+PACS, and the spool on a filesystem of its own size (a tmpfs, where this user may mount one).
+While the studies arrive and are processed, a schedule of faults runs: each kind of process
+killed (SIGKILL; Redis kill -9; Orthanc stopped and started), PostgreSQL stopped, the spool disk
+filled, a gpu worker sent SIGTERM twice mid-inference, a sender's association aborted mid-study;
+each is undone after a few seconds. A sender whose send fails sends the whole study again, as a
+modality does. At the end (bounded wait) it prints studies sent, done, with results in the PACS,
+duplicates, lost, the longest delay from the last instance sent to the result in the PACS, and
+the faults made. See bench/README.md.
 
     python -m bench.soak [--senders 4] [--studies 25] [--slices 8] [--size 64]
 """
@@ -16,13 +19,20 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import queue
+import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from agent.db.database import Database
 from agent.db.states import IN_FLIGHT, TERMINAL, State
@@ -33,6 +43,7 @@ from tests.support.faults import RedisServer, kill_hard
 from tests.support.orthanc import Orthanc
 from tests.support.phantom import PhantomTruth, write_phantom_series
 from tests.support.ports import free_port
+from tests.support.postgres import Cluster
 
 AET = "PACS_AGENT"
 RESULT_MODALITIES = ("SEG", "SR")
@@ -67,6 +78,10 @@ class Stack:
     port: int
     redis: RedisServer
     pacs: Orthanc
+    database: Cluster
+    spool: Path
+    # Whether the spool is on a filesystem of its own, which a fault may fill.
+    spool_mounted: bool
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
     def start_agent(self, name: str) -> None:
@@ -178,8 +193,10 @@ def fault_schedule(
     every: float,
     kills: list[Kill],
     stop: threading.Event,
+    spare: Sent,
 ) -> None:
-    """Kill each kind of process once, `every` seconds apart, catching it mid-step if it can."""
+    """Make each fault once, `every` seconds apart, catching a process mid-step if it can;
+    `spare` is the study the aborting sender sends."""
 
     def wait_for(state: State | None, timeout: float) -> str:
         # Inference of a small series takes tens of milliseconds: poll fast to land inside it.
@@ -221,6 +238,62 @@ def fault_schedule(
         stack.pacs.start()
         return "exporting: " + str(len(db.in_states([State.EXPORTING])))
 
+    def database() -> str:
+        caught = wait_for(None, 30)
+        stack.database.stop()  # -m immediate: every connection cut, as in a crash
+        time.sleep(4.0)
+        stack.database.start()
+        return caught
+
+    def disk_full() -> str:
+        if not stack.spool_mounted:
+            return "skipped: the spool has no filesystem of its own (mounting needs root)"
+        caught = wait_for(None, 30)
+        ballast = stack.spool / "ballast"
+        with ballast.open("wb") as out:  # every free block, until the disk says no more
+            block = b"\0" * (1 << 20)
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(block)
+                    out.flush()
+        time.sleep(5.0)
+        ballast.unlink()
+        return caught
+
+    def double_sigterm() -> str:
+        caught = wait_for(State.INFERRING, 30)
+        process = stack.agents["gpu"].process
+        assert process is not None
+        process.send_signal(signal.SIGTERM)  # warm shutdown: the task may finish
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)  # cold shutdown: the task is cut off
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(30)
+        stack.agents["gpu"].stop()
+        stack.start_agent("gpu")
+        return caught
+
+    def aborting_sender() -> str:
+        item = spare
+        files = list(item.truth.files)
+        ae = AE(ae_title="ABORTER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", stack.port, ae_title=AET)
+        with contextlib.suppress(Exception):  # the agent may be restarting: the retry sends all
+            for path in files[: len(files) // 2]:
+                assoc.send_c_store(pydicom.dcmread(path))
+        assoc.abort()
+        item.attempts += 1
+        time.sleep(SEND_RETRY_S * 5)  # longer than the quiet period: it must wait for this
+        while item.attempts < SEND_ATTEMPTS and not stop.is_set():
+            item.attempts += 1
+            result = storescu(files, port=stack.port, called_aet=AET, timeout=30, check=False)
+            if result.returncode == 0:
+                item.last_sent = time.monotonic()
+                break
+            time.sleep(SEND_RETRY_S)
+        return f"{len(files) // 2} of {len(files)} instances, then A-ABORT; re-sent whole"
+
     schedule: list[tuple[str, Callable[[], str]]] = [
         ("serve (SIGKILL while receiving)", agent("serve", None)),
         ("gpu worker (SIGKILL mid-inference)", agent("gpu", State.INFERRING)),
@@ -228,6 +301,10 @@ def fault_schedule(
         ("Redis (kill -9, restarted empty)", redis),
         ("Orthanc (stopped for 5 s)", orthanc),
         ("serve (SIGKILL after sealing)", agent("serve", State.QUEUED)),
+        ("PostgreSQL (stopped for 4 s)", database),
+        ("spool disk (full for 5 s)", disk_full),
+        ("gpu worker (SIGTERM twice mid-inference)", double_sigterm),
+        ("sender (A-ABORT mid-study)", aborting_sender),
     ]
     for what, fault in schedule:
         if stop.wait(every):
@@ -236,6 +313,22 @@ def fault_schedule(
         caught = fault()
         kills.append(Kill(began - start, what, caught, time.monotonic() - began))
         log(f"killed {what}: {caught}; back after {time.monotonic() - began:.1f} s", start)
+
+
+@contextlib.contextmanager
+def own_filesystem(folder: Path, megabytes: int) -> Iterator[bool]:
+    """A tmpfs of `megabytes` at `folder`, so that a fault can fill the spool's disk and
+    nothing else; yields False (a plain folder) where this user may not mount."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        # Lazily: a process that has not quite ended may still hold a file there.
+        subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,21 +349,37 @@ def run(args: argparse.Namespace) -> int:
             )
             for i in range(args.senders * args.studies)
         ]
+        spare = Sent(
+            write_phantom_series(
+                root / "studies" / "spare",
+                slices=args.slices,
+                rows=args.size,
+                cols=args.size,
+                seed=len(sent),
+            )
+        )
+        sent.append(spare)
         log(f"{len(sent)} studies of {args.slices} slices {args.size}x{args.size} written", start)
         redis = stack_exit.enter_context(RedisServer(root / "redis"))
         pacs = stack_exit.enter_context(Orthanc(root / "pacs"))
+        database = stack_exit.enter_context(Cluster())
+        spool = root / "agent" / "spool"
+        mounted = stack_exit.enter_context(own_filesystem(spool, args.spool_mb))
         port = free_port()
         config = write_config(
             root / "agent",
             port=port,
             broker_url=redis.url,
+            database_url=database.url,
             quiet_seconds=args.quiet,
             destinations=[(pacs.aet, "127.0.0.1", pacs.dicom_port)],
         )
         text = config.read_text()
         queue_keys = f"[queue]\nstale_after_seconds = {args.stale}\ntask_time_limit_seconds = 30\n"
-        config.write_text(text.replace("[queue]\n", queue_keys, 1))
-        stack = Stack(root, config, port, redis, pacs)
+        study_keys = f"[study]\nsender_retry_seconds = {args.sender_retry}\n"
+        text = text.replace("[queue]\n", queue_keys, 1).replace("[study]\n", study_keys, 1)
+        config.write_text(text)
+        stack = Stack(root, config, port, redis, pacs, database, spool, mounted)
         stack_exit.callback(stack.stop_all)
         for name in ("serve", "gpu", "io"):
             stack.start_agent(name)
@@ -281,7 +390,8 @@ def run(args: argparse.Namespace) -> int:
         stack_exit.callback(stop.set)
         work: queue.Queue[Sent] = queue.Queue()
         for item in sent:
-            work.put(item)
+            if item is not spare:
+                work.put(item)
         kills: list[Kill] = []
         sending = Sending()
         began = time.monotonic()
@@ -293,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         faults = threading.Thread(
             target=fault_schedule,
-            args=(stack, db, sending, began, args.every, kills, stop),
+            args=(stack, db, sending, began, args.every, kills, stop, spare),
             daemon=True,
         )
         watcher = threading.Thread(target=watch_pacs, args=(pacs, sent, stop), daemon=True)
@@ -353,6 +463,8 @@ def report(
         f"stale after {args.stale:g} s"
     )
     print(f"studies sent:               {len(delivered)} of {len(sent)} ({resends} re-sends)")
+    done = [s for s in sent if ended.get(s.truth.study_uid) == State.DONE]
+    print(f"studies done:               {len(done)}")
     print(f"studies with results (PACS): {len(with_results)}")
     print(
         f"duplicates:                 {len(duplicated) + len(twice)}"
@@ -363,7 +475,7 @@ def report(
     print(f"longest delay:              {longest:.1f} s (last instance sent -> SEG+SR in PACS)")
     final = collections.Counter(str(ended.get(s.truth.study_uid, "unknown")) for s in sent)
     print(f"final states:               {dict(final)}")
-    print("kills:")
+    print("faults:")
     for kill in kills:
         print(f"  {kill.at:6.1f} s  {kill.what}: {kill.caught}; down {kill.down_s:.1f} s")
     for s in lost:
@@ -374,9 +486,9 @@ def report(
         and not duplicated
         and not twice
         and len(delivered) == len(sent)
-        and {"serve", "gpu", "io", "Redis", "Orthanc"} <= kinds
+        and {"serve", "gpu", "io", "Redis", "Orthanc", "PostgreSQL", "sender"} <= kinds
     )
-    print(f"target (0 lost, 0 duplicates, every process kind killed): {'PASS' if met else 'FAIL'}")
+    print(f"target (0 lost, 0 duplicates, every fault made): {'PASS' if met else 'FAIL'}")
     return 0 if met else 1
 
 
@@ -392,6 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", type=float, default=3.0, help="[study] quiet_seconds")
     parser.add_argument("--stale", type=float, default=15.0, help="[queue] stale_after_seconds")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between faults")
+    parser.add_argument(
+        "--sender-retry", type=float, default=30.0, help="[study] sender_retry_seconds"
+    )
+    parser.add_argument(
+        "--spool-mb", type=int, default=1024, help="size of the spool's own filesystem"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="bounded final wait")
     parser.add_argument("--settle", type=float, default=5.0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
