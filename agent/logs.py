@@ -10,6 +10,8 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from agent.throttle import RepeatFilter
+
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "pacs_agent_log_context", default=None
 )
@@ -77,6 +79,8 @@ def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
     handler.addFilter(PeerErrorFilter())
+    # Out of file descriptors, an accept loop fails on every connection: once a minute is news.
+    handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
