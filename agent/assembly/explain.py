@@ -36,7 +36,8 @@ def read_headers(root: Path) -> tuple[dict[Path, Dataset], list[str]]:
         try:
             headers[path] = read_header(path)
         except PermanentError as exc:
-            unreadable.append(str(exc))
+            # The user's own files: their names help here, where no UID-named spool file is.
+            unreadable.append(f"{path.name} ({exc})")
     return headers, unreadable
 
 

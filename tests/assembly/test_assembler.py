@@ -20,6 +20,7 @@ from agent.db.states import State
 from agent.db.values import ArrivedInstance
 from agent.domain import Manifest
 from agent.errors import RetryableError
+from agent.logs import instance_key
 from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from tests.support.data import dicom_files, shared_data
@@ -214,7 +215,8 @@ def test_damaged_instance_is_left_out_not_fatal(
     assert study is not None and study.state == State.QUEUED
     (_, manifest_path) = rig.recorder.jobs[0]
     assert len(Manifest.from_json(manifest_path.read_text()).inputs[0].frames) == 8
-    assert "instance not usable: cannot read 1.2.3.4.dcm" in caplog.text
+    assert f"instance not usable: cannot read {instance_key(damaged)}" in caplog.text
+    assert "1.2.3.4" not in caplog.text
 
 
 def _finish(rig: Rig, study_uid: str) -> None:

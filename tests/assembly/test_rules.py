@@ -163,7 +163,7 @@ def test_rules_test_command_explains_every_series(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "16 DICOM files" in out
-    assert "not DICOM: cannot read README.txt" in out
+    assert "not DICOM: README.txt (cannot read instance " in out
     assert "series 1 (CT, 8 instances) 'phantom': 8 x CT Image Storage" in out
     assert "stack: 8 axial slices, 2.5 x 1.5 x 1.5 mm" in out
     assert "ct-tissue: TAKES this series (8 slices)" in out
