@@ -9,6 +9,9 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+from agent.throttle import RepeatFilter
 
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "pacs_agent_log_context", default=None
@@ -18,6 +21,23 @@ _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar
 def study_key(study_uid: str) -> str:
     """A short, stable, non-identifying key for a study: logs and status show this, not UIDs."""
     return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:16]
+
+
+def instance_key(path: Path) -> str:
+    """A short, stable name for one file, e.g. "instance 3f2a9c1b0d4e": a spooled file is
+    named by its SOP Instance UID, which a reason or a log line never shows."""
+    digest = hashlib.sha256(path.name.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"instance {digest}"
+
+
+def without_file_names(text: str, path: Path) -> str:
+    """`text` (a library's error message) with `path`, its name and its stem (the UID)
+    replaced by the file's instance key."""
+    key = instance_key(path)
+    for value in (str(path), path.name, path.stem):
+        if value:
+            text = text.replace(value, key)
+    return text
 
 
 @contextlib.contextmanager
@@ -77,6 +97,8 @@ def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
     handler.addFilter(PeerErrorFilter())
+    # Out of file descriptors, an accept loop fails on every connection: once a minute is news.
+    handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:

@@ -76,7 +76,9 @@ def cmd_serve(settings: Settings) -> int:
     from agent.receive.scp import start_receiver
     from agent.spool.retention import RetentionSweeper
     from agent.spool.watermark import Watermark
+    from agent.web.limits import raise_open_files_limit
 
+    raise_open_files_limit()  # before the receiver and the web port open their sockets
     ctx = _context(settings)
     app = create_app(settings, lambda: ctx)
     from agent.pull.service import Pulls

@@ -36,7 +36,8 @@ def read_headers(root: Path) -> tuple[dict[Path, Dataset], list[str]]:
         try:
             headers[path] = read_header(path)
         except PermanentError as exc:
-            unreadable.append(str(exc))
+            # The user's own files: their names help here, where no UID-named spool file is.
+            unreadable.append(f"{path.name} ({exc})")
     return headers, unreadable
 
 
@@ -64,14 +65,17 @@ def _study_lines(headers: dict[Path, Dataset], models: Sequence[ModelSettings]) 
             )
         for name, choice in choices.items():
             verdict = next(v for v in choice.verdicts if v.series is series)
+            # What sealing notes too: the instances the model's ImageType rules leave out.
+            note = f"; {verdict.note}" if verdict.note else ""
             if verdict.stack is None:
-                lines.append(f"  {name}: no: {verdict.reason}")
+                lines.append(f"  {name}: no: {verdict.reason}{note}")
             elif choice.input is not None and choice.input.series_uid == series.series_uid:
-                lines.append(f"  {name}: TAKES this series ({len(verdict.stack.frames)} slices)")
+                slices = len(verdict.stack.frames)
+                lines.append(f"  {name}: TAKES this series ({slices} slices){note}")
             else:
                 lines.append(
                     f"  {name}: fits, but another series is taken"
-                    " (most slices first, then the lowest SeriesNumber, then UID)"
+                    f" (most slices first, then the lowest SeriesNumber, then UID){note}"
                 )
     for name, choice in choices.items():
         if choice.input is None:

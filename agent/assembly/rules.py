@@ -6,7 +6,7 @@ import fnmatch
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -16,7 +16,7 @@ from agent.domain import FrameRef, ModelInput
 from agent.errors import PermanentError
 from agent.inference.decode import decoder_for, no_decoder_reason
 from agent.inference.frames import IMAGE_SOP_CLASSES, SINGLE_FRAME_SOP_CLASSES, Frame, frames_of
-from agent.inference.geometry import Rejected, Stack, gate
+from agent.inference.geometry import Rejected, Stack, gate, plural
 from agent.settings import ModelSettings, SelectRules
 
 
@@ -36,6 +36,12 @@ class Series:
     # Why the series has no stack (not an image, bad geometry); empty when it has stacks.
     problem: str
     syntaxes: frozenset[str]  # transfer syntaxes of its image instances
+    # Its instances' headers, for a model whose ImageType rules take only some of them.
+    members: tuple[tuple[Path, Dataset], ...] = field(default=(), compare=False, repr=False)
+    # The series without some instances, by the paths left out: built once per selection.
+    _narrowed: dict[frozenset[Path], Series] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def size(self) -> int:
@@ -57,6 +63,8 @@ class Verdict:
     series: Series
     stack: Stack | None
     reason: str  # empty when stack is set
+    # Instances of the series the model's ImageType rules left out, and why; "" for none.
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class ModelChoice:
 
     model: str
     input: ModelInput | None
+    # Why the model takes nothing; with an input, what it left out of the series taken.
     reason: str
     verdicts: tuple[Verdict, ...]
 
@@ -159,6 +168,7 @@ def _series(series_uid: str, members: Sequence[tuple[Path, Dataset]]) -> Series:
         stacks=stacks,
         problem=problem,
         syntaxes=frozenset(syntaxes),
+        members=tuple(members),
     )
 
 
@@ -176,7 +186,7 @@ def _matches(value: str, patterns: Iterable[str]) -> str | None:
 
 
 def _header_reason(rules: SelectRules, series: Series) -> str:
-    """Why the series' headers fail the rules, or "" if they pass."""
+    """Why the series' headers fail the series-level rules, or "" if they pass."""
     if series.modality not in rules.modalities:
         return f"modality {series.modality or 'missing'} is not {'/'.join(rules.modalities)}"
     if rules.body_parts and _matches(series.body_part, rules.body_parts) is None:
@@ -186,13 +196,6 @@ def _header_reason(rules: SelectRules, series: Series) -> str:
         return "SeriesDescription matches no include pattern"
     if (hit := _matches(series.description, rules.series_description_exclude)) is not None:
         return f"SeriesDescription matches exclude pattern {hit!r}"
-    if rules.image_type_include and not any(
-        _matches(t, rules.image_type_include) for t in series.image_types
-    ):
-        return "ImageType matches no include pattern"
-    for image_type in sorted(series.image_types):
-        if (hit := _matches(image_type, rules.image_type_exclude)) is not None:
-            return f"ImageType {image_type} matches exclude pattern {hit!r}"
     if rules.contrast == "with" and not series.contrast:
         return "no contrast agent recorded (rule: contrast = with)"
     if rules.contrast == "without" and series.contrast:
@@ -227,18 +230,64 @@ def judge(rules: SelectRules, series: Series) -> Verdict:
     reason = _header_reason(rules, series)
     if reason:
         return Verdict(series, None, reason)
-    if series.problem:
-        return Verdict(series, None, series.problem)
-    missing = sorted(s for s in series.syntaxes if s and decoder_for(s) is None)
+    kept, note = _by_image_type(rules, series)
+    if kept is None:
+        return Verdict(series, None, note)
+    if kept.problem:
+        return Verdict(series, None, kept.problem, note)
+    missing = sorted(s for s in kept.syntaxes if s and decoder_for(s) is None)
     if missing:
-        return Verdict(series, None, no_decoder_reason(missing[0]))
+        return Verdict(series, None, no_decoder_reason(missing[0]), note)
     reasons = []
-    for stack in series.stacks:  # largest first
+    for stack in kept.stacks:  # largest first
         why = _stack_reason(rules, stack)
         if not why:
-            return Verdict(series, stack, "")
+            return Verdict(series, stack, "", note)
         reasons.append(why)
-    return Verdict(series, None, reasons[0] if reasons else "no stack")
+    return Verdict(series, None, reasons[0] if reasons else "no stack", note)
+
+
+def _image_type_reason(rules: SelectRules, image_type: str) -> str:
+    """Why the ImageType rules leave an instance out, or "" when they take it."""
+    include = rules.image_type_include
+    if include and _matches(image_type, include) is None:
+        return "ImageType matches no include pattern"
+    if (hit := _matches(image_type, rules.image_type_exclude)) is not None:
+        return f"ImageType {image_type} matches exclude pattern {hit!r}"
+    return ""
+
+
+def _by_image_type(rules: SelectRules, series: Series) -> tuple[Series | None, str]:
+    """The series without the image instances its ImageType rules leave out, and a note of
+    them; (None, why) when they leave out every one, as a series-level rule would.
+
+    ImageType describes one instance, not the series: a scout saved into an axial series
+    (PS3.3 C.8.2.1.1.1, LOCALIZER) is dropped, and the rest goes on to the geometry gate.
+    """
+    dropped: dict[Path, str] = {}
+    images = 0
+    for path, ds in series.members:
+        if _text(ds, "SOPClassUID") not in IMAGE_SOP_CLASSES:
+            continue
+        images += 1
+        if why := _image_type_reason(rules, _image_type(ds)):
+            dropped[path] = why
+    if not dropped:
+        return series, ""
+    counts: dict[str, int] = defaultdict(int)
+    for why in dropped.values():
+        counts[why] += 1
+    if len(dropped) == images:
+        return None, sorted(counts)[0]
+    note = "; ".join(
+        f"{plural(count, 'instance')} dropped: {why}" for why, count in sorted(counts.items())
+    )
+    key = frozenset(dropped)
+    narrowed = series._narrowed.get(key)
+    if narrowed is None:
+        rest = [(path, ds) for path, ds in series.members if path not in key]
+        narrowed = series._narrowed[key] = _series(series.series_uid, rest)
+    return narrowed, note
 
 
 def _rank(verdict: Verdict) -> tuple[int, float, str]:
@@ -261,7 +310,7 @@ def choose(model: ModelSettings, series: Sequence[Series]) -> ModelChoice:
         assert best.stack is not None
         frames = tuple(FrameRef(f.path, f.index) for f in best.stack.frames)
         return ModelChoice(
-            model.name, ModelInput(model.name, best.series.series_uid, frames), "", verdicts
+            model.name, ModelInput(model.name, best.series.series_uid, frames), best.note, verdicts
         )
     return ModelChoice(model.name, None, _why_none(model, verdicts), verdicts)
 
@@ -280,7 +329,9 @@ def _why_none(model: ModelSettings, verdicts: Sequence[Verdict]) -> str:
         return f"{model.name}: no {'/'.join(modalities)} series ({present})"
     # The largest series first: its reason is the one a user needs.
     wanted.sort(key=lambda v: -v.series.size)
-    details = "; ".join(f"{v.series.label()}: {v.reason}" for v in wanted[:3])
+    details = "; ".join(
+        f"{v.series.label()}: {v.reason}" + (f" ({v.note})" if v.note else "") for v in wanted[:3]
+    )
     more = f"; and {len(wanted) - 3} more" if len(wanted) > 3 else ""
     return f"{model.name}: {details}{more}"
 

@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from agent.errors import PermanentError
+from agent.logs import instance_key
 
 # What pydicom and its pixel-data plugins raise for a damaged, truncated or unsupported file.
 # They share no base class: parsing raises InvalidDicomError, ValueError (UnicodeDecodeError
@@ -35,12 +36,13 @@ DICOM_ERRORS: tuple[type[Exception], ...] = (
 def read_dicom(path: Path, *, pixels: bool = False) -> Dataset:
     """Read a DICOM file (without its pixel data unless asked); PermanentError if unreadable.
 
-    The message names the file (its SOP Instance UID) and the error type, never a value.
+    The message names the file by a hash of its name (a spooled file's name is its SOP
+    Instance UID) and the error type, never a value.
     """
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except DICOM_ERRORS as exc:
-        raise PermanentError(f"cannot read {path.name}: {type(exc).__name__}") from exc
+        raise PermanentError(f"cannot read {instance_key(path)}: {type(exc).__name__}") from exc
 
 
 def read_header(path: Path) -> Dataset:

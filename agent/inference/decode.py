@@ -39,6 +39,7 @@ from pydicom.uid import (
 from agent.dicom.files import DICOM_ERRORS
 from agent.dicom.uids import JPEG_XL_SYNTAXES, is_valid_uid
 from agent.errors import PermanentError
+from agent.logs import instance_key, without_file_names
 
 # Fewer items than this are decoded in the calling process: starting work in the pool costs
 # more than it saves.
@@ -142,7 +143,7 @@ def no_decoder_reason(transfer_syntax: str) -> str:
 
 def stored_frame(item: DecodeItem) -> np.ndarray:
     """The stored values of one frame, as pydicom decodes them; PermanentError if it cannot."""
-    name = item.path.name  # the SOP Instance UID in the spool: no patient identity
+    name = instance_key(item.path)  # the file's name is its SOP Instance UID
     try:
         syntax = str(read_file_meta_info(item.path).get("TransferSyntaxUID", "") or "")
     except DICOM_ERRORS as exc:
@@ -165,6 +166,7 @@ def stored_frame(item: DecodeItem) -> np.ndarray:
             )
     except DICOM_ERRORS as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        detail = without_file_names(detail, item.path)
         raise PermanentError(
             f"cannot decode frame {item.index} of {name} ({_syntax_name(syntax)}): "
             f"{type(exc).__name__}" + (f": {detail}" if detail else "")
@@ -197,12 +199,12 @@ def checked_frame(item: DecodeItem, shape: tuple[int, int] | None) -> np.ndarray
     if stored.ndim != 2:
         samples = stored.shape[-1] if stored.ndim == 3 else "?"
         raise PermanentError(
-            f"{item.path.name} frame {item.index} is not grayscale "
+            f"{instance_key(item.path)} frame {item.index} is not grayscale "
             f"(SamplesPerPixel {samples}); only single-sample images can be loaded"
         )
     if shape is not None and stored.shape != shape:
         raise PermanentError(
-            f"frames differ in size: {item.path.name} frame {item.index} is "
+            f"frames differ in size: {instance_key(item.path)} frame {item.index} is "
             f"{stored.shape[0]}x{stored.shape[1]}, the first frame is {shape[0]}x{shape[1]}"
         )
     return stored

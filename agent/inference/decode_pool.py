@@ -31,6 +31,7 @@ import pydicom
 from agent.dicom.files import DICOM_ERRORS
 from agent.errors import PermanentError, RetryableError
 from agent.inference.decode import DecodeItem, checked_frame, decode_serial, rescale_into
+from agent.logs import instance_key
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _frame_shape(item: DecodeItem) -> tuple[int, int]:
         return int(ds.Rows), int(ds.Columns)
     except DICOM_ERRORS as exc:  # decoding it would fail the same way
         raise PermanentError(
-            f"cannot read Rows/Columns of {item.path.name}: {type(exc).__name__}"
+            f"cannot read Rows/Columns of {instance_key(item.path)}: {type(exc).__name__}"
         ) from exc
 
 

@@ -17,6 +17,7 @@ from agent.dicom.files import DICOM_ERRORS, read_dicom
 from agent.errors import PermanentError
 from agent.inference.decode import DecodeItem, stored_frame
 from agent.inference.frames import Frame
+from agent.logs import instance_key
 
 
 def _number_of_frames(value: Any) -> int:
@@ -35,16 +36,16 @@ def _pixel_bytes(path: Path, index: int) -> tuple[UID, bytes]:
     syntax = UID(str(getattr(meta, "TransferSyntaxUID", "") or ImplicitVRLittleEndian))
     data = ds.get("PixelData")
     if not isinstance(data, bytes):
-        raise PermanentError(f"{path.name} has no PixelData")
+        raise PermanentError(f"{instance_key(path)} has no PixelData")
     count = _number_of_frames(ds.get("NumberOfFrames"))
     if index >= count:
-        raise PermanentError(f"{path.name} has no frame {index + 1}")
+        raise PermanentError(f"{instance_key(path)} has no frame {index + 1}")
     if syntax.is_encapsulated:
         try:
             return syntax, get_frame(data, index, number_of_frames=count)
         except DICOM_ERRORS as exc:  # malformed encapsulation
             raise PermanentError(
-                f"cannot find frame {index + 1} in {path.name}: {type(exc).__name__}"
+                f"cannot find frame {index + 1} in {instance_key(path)}: {type(exc).__name__}"
             ) from exc
     size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
     size = size * int(ds.BitsAllocated) // 8

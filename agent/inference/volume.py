@@ -15,6 +15,7 @@ from agent.errors import PermanentError
 from agent.inference.decode import DecodeItem, decode_frames
 from agent.inference.frames import Frame, frames_of
 from agent.inference.geometry import Rejected, gate
+from agent.logs import instance_key
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,13 @@ def load_volume(refs: Sequence[FrameRef]) -> Volume:
     for path in paths:
         got = frames_of(path, headers[path])
         if isinstance(got, str):
-            raise PermanentError(f"{path.name} cannot be stacked: {got}")
+            raise PermanentError(f"{instance_key(path)} cannot be stacked: {got}")
         for frame in got:
             by_ref[FrameRef(frame.path, frame.index)] = frame
     missing = [r for r in refs if r not in by_ref]
     if missing:
-        raise PermanentError(f"{missing[0].path.name} has no frame {missing[0].index + 1}")
+        first = missing[0]
+        raise PermanentError(f"{instance_key(first.path)} has no frame {first.index + 1}")
     frames = [by_ref[r] for r in refs]
     stacks = gate(frames)
     if isinstance(stacks, Rejected):

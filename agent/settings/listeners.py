@@ -138,6 +138,17 @@ class WebSettings(_Section):
     # Largest STOW-RS request body; a larger one is refused with 413. Each instance in it is
     # also held to [receiver] max_instance_bytes. Unset: no limit beyond that one.
     max_request_bytes: Annotated[int, Field(ge=1)] | None = None
+    # Connections held open at once. At the limit a new one replaces the oldest connection
+    # still waiting for its request headers, or is closed when none is. `serve` lowers it
+    # further when the process's file descriptors would not otherwise leave room for the
+    # receiver's max_associations.
+    max_connections: Annotated[int, Field(ge=1, le=10000)] = 64
+    # Seconds a connection may take to send a request's headers (the first one, and each
+    # next one on a kept-alive connection); then it is answered 408 and closed.
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # Seconds a request body (a STOW-RS upload) may stop arriving before the connection is
+    # closed; an upload cut off stores nothing of its unfinished part.
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("users")
     @classmethod

@@ -13,6 +13,7 @@ from agent import __version__
 from agent.db.database import Database
 from agent.db.values import StudyStatus
 from agent.spool.watermark import Watermark
+from agent.spool.writable import SpoolWritable
 
 HEALTH_PATH = "/api/health"
 MAX_STUDIES = 500
@@ -32,9 +33,15 @@ def study_json(row: StudyStatus) -> dict[str, Any]:
 class Api:
     """GET /api/health (no credentials: for load balancers and monitoring) and /api/studies."""
 
-    def __init__(self, db: Database, watermark: Watermark | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        watermark: Watermark | None = None,
+        writable: SpoolWritable | None = None,
+    ) -> None:
         self._db = db
         self._watermark = watermark
+        self._writable = writable
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -43,6 +50,16 @@ class Api:
         ]
 
     async def health(self, _request: Request) -> Response:
+        # A spool that cannot be written fails every C-STORE and STOW-RS upload: the service
+        # is down for its one job, and the probe says so.
+        problem = None
+        if self._writable is not None:
+            problem = await run_in_threadpool(self._writable.problem)
+        if problem is not None:
+            return JSONResponse(
+                {"status": "error", "spool": f"not writable ({problem})", "version": __version__},
+                503,
+            )
         # Up is up: a low spool is reported, not turned into a failed probe that would take
         # the status API away with it; STOW-RS answers 503 itself meanwhile.
         low = self._watermark is not None and self._watermark.check().low

@@ -16,6 +16,7 @@ from agent.receive.scp import TRANSFER_SYNTAXES
 from agent.settings import Settings
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
+from agent.spool.writable import SpoolWritable
 from agent.web.api import HEALTH_PATH, Api
 from agent.web.auth import Authenticator, RequireAuth
 from agent.web.stow import StowPolicy, StowService
@@ -39,6 +40,8 @@ class WebServices:
     watermark: Watermark | None = None
     # The service's pulls (its sources, shared with the pollers); made here when not given.
     pulls: Pulls | None = None
+    # Whether the spool takes new files, for /api/health; made here when not given.
+    writable: SpoolWritable | None = None
 
 
 def stow_policy(settings: Settings) -> StowPolicy:
@@ -65,7 +68,9 @@ def routes(services: WebServices) -> list[BaseRoute]:
 
         pulls = services.pulls or Pulls(services.settings, services.db, services.layout)
         extra = ProcessApi(pulls).routes()
-    return [*Api(services.db, services.watermark).routes(), *stow.routes(), *extra]
+    writable = services.writable or SpoolWritable(services.layout.tmp)
+    api = Api(services.db, services.watermark, writable)
+    return [*api.routes(), *stow.routes(), *extra]
 
 
 def create_app(services: WebServices, authenticator: Authenticator | None = None) -> Starlette:

@@ -17,12 +17,15 @@ from agent.settings import WebSettings
 from agent.tls import server_context
 from agent.web.app import WebServices, create_app
 from agent.web.auth import Authenticator
+from agent.web.limits import connection_cap, current
+from agent.web.protocol import ConnectionLimits, protocol_class
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 15.0
 # On stop, requests under way get this long to finish; an upload cut off stores nothing.
 GRACEFUL_STOP_SECONDS = 10
+MAX_ACCEPT_BATCH = 32
 
 
 def _tls_context(settings: WebSettings) -> ssl.SSLContext | None:
@@ -55,8 +58,15 @@ class WebServer:
     be bound, both before any thread starts.
     """
 
-    def __init__(self, app: ASGIApp, settings: WebSettings) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: WebSettings, max_connections: int | None = None
+    ) -> None:
         tls = _tls_context(settings)
+        self.limits = ConnectionLimits(
+            max_connections=max_connections or settings.max_connections,
+            header_timeout=settings.header_timeout_seconds,
+            body_timeout=settings.body_timeout_seconds,
+        )
         self._socket = _bind(settings.host, settings.port)
         self.host = settings.host
         self.port: int = self._socket.getsockname()[1]
@@ -64,6 +74,8 @@ class WebServer:
         config = uvicorn.Config(
             app,
             loop="asyncio",
+            # h11 with the bounds of agent.web.protocol: connections, header and body time.
+            http=protocol_class(self.limits),
             ws="none",
             lifespan="off",
             # The service's own logging, untouched; no access log, whose paths hold study UIDs.
@@ -74,6 +86,10 @@ class WebServer:
             # replace the client address that the audit trail records.
             proxy_headers=False,
             timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS,
+            # asyncio accepts up to `backlog` connections at a time before any of them reaches
+            # the protocol, which is where the connection limit is kept: a small batch keeps
+            # the descriptors held past the limit small too (uvicorn's default is 2,048).
+            backlog=min(self.limits.max_connections, MAX_ACCEPT_BATCH),
         )
         config.load()
         # Our own context rather than uvicorn's options: TLS 1.2 at least, client certificates
@@ -86,6 +102,10 @@ class WebServer:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
+
+    def connections(self) -> list[object]:
+        """The connections open now (for tests and diagnostics)."""
+        return list(self._server.server_state.connections)
 
     def _run(self) -> None:
         try:
@@ -126,7 +146,8 @@ def start_web(services: WebServices) -> WebServer:
         )
     if authenticator.users and web.tls is None and not _loopback(web.host):
         log.warning("web port: Basic passwords cross the network unencrypted: add [web.tls]")
-    server = WebServer(create_app(services, authenticator), web)
+    cap = connection_cap(services.settings, current())
+    server = WebServer(create_app(services, authenticator), web, max_connections=cap)
     server.start()
     return server
 

@@ -20,6 +20,7 @@ from agent.db.states import State
 from agent.db.values import ArrivedInstance
 from agent.domain import Manifest
 from agent.errors import RetryableError
+from agent.logs import instance_key
 from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from tests.support.data import dicom_files, shared_data
@@ -31,6 +32,7 @@ from tests.support.foreign import (
     write_text_sr,
 )
 from tests.support.phantom import write_phantom_series
+from tests.support.series import write_with_localizer
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -219,7 +221,8 @@ def test_damaged_instance_is_left_out_not_fatal(
     assert study is not None and study.state == State.QUEUED
     (_, manifest_path) = rig.recorder.jobs[0]
     assert len(Manifest.from_json(manifest_path.read_text()).inputs[0].frames) == 8
-    assert "instance not usable: cannot read 1.2.3.4.dcm" in caplog.text
+    assert f"instance not usable: cannot read {instance_key(damaged)}" in caplog.text
+    assert "1.2.3.4" not in caplog.text
 
 
 def _finish(rig: Rig, study_uid: str) -> None:
@@ -395,3 +398,22 @@ def test_a_restart_gives_a_study_still_arriving_a_full_quiet_period(
     rig.clock.at = T0 + timedelta(minutes=10, seconds=30)
     rig.assembler.seal_quiet_studies()
     assert rig.db.get(truth.study_uid).state == State.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_localizer_inside_the_series_does_not_skip_the_study(rig: Rig, tmp_path: Path) -> None:
+    series = write_with_localizer(tmp_path / "ct", 12)
+    for arrival in _spool(rig.layout, list(series.files), T0):
+        rig.assembler.submit(arrival)
+    assert rig.assembler.drain() == 13
+    rig.clock.at = T0 + timedelta(seconds=30)
+    rig.assembler.seal_quiet_studies()
+    study = rig.db.get(series.study_uid)
+    assert study is not None and study.state == State.QUEUED, study and study.reason
+    ((_job_id, manifest_path),) = rig.recorder.jobs
+    (item,) = Manifest.from_json(manifest_path.read_text()).inputs
+    assert item.series_uid == series.series_uid
+    assert len(item.frames) == 12
+    spooled_scout = rig.layout.instance_path(
+        series.study_uid, series.series_uid, series.sop_uids[-1]
+    )
+    assert spooled_scout not in item.files

@@ -15,6 +15,7 @@ from agent.settings import ModelSettings, SelectRules
 from tests.support.agent import cli
 from tests.support.foreign import write_localizer, write_pdf, write_text_sr
 from tests.support.phantom import PhantomTruth, write_phantom_series
+from tests.support.series import write_with_localizer
 
 Headers = dict[Path, Dataset]
 
@@ -162,7 +163,7 @@ def test_rules_test_command_explains_every_series(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "16 DICOM files" in out
-    assert "not DICOM: cannot read README.txt" in out
+    assert "not DICOM: README.txt (cannot read instance " in out
     assert "series 1 (CT, 8 instances) 'phantom': 8 x CT Image Storage" in out
     assert "stack: 8 axial slices, 2.5 x 1.5 x 1.5 mm" in out
     assert "ct-tissue: TAKES this series (8 slices)" in out
@@ -173,3 +174,37 @@ def test_rules_test_command_explains_every_series(tmp_path: Path) -> None:
 
     missing = cli("rules", "test", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no such file or folder" in missing.stderr
+
+
+LOCALIZER_NOTE = (
+    "1 instance dropped: ImageType ORIGINAL\\PRIMARY\\LOCALIZER matches exclude pattern "
+    "'*LOCALIZER*'"
+)
+
+
+def test_a_localizer_inside_a_series_is_dropped_and_the_rest_taken(tmp_path: Path) -> None:
+    series = write_with_localizer(tmp_path / "ct", 12)
+    headers = series.headers()
+    (choice,) = select(headers, [ModelSettings()])
+    assert choice.input is not None, choice.reason
+    assert choice.input.series_uid == series.series_uid
+    assert len(choice.input.frames) == 12
+    assert series.files[-1] not in choice.input.files
+    assert choice.reason == LOCALIZER_NOTE
+    (verdict,) = choice.verdicts
+    assert verdict.note == LOCALIZER_NOTE
+
+
+def test_a_series_left_with_too_few_instances_says_what_was_dropped(tmp_path: Path) -> None:
+    headers = write_with_localizer(tmp_path / "ct", 4).headers()
+    (choice,) = select(headers, [_model(min_slices=5)])
+    assert choice.input is None
+    assert "4 slices, fewer than min_slices 5" in choice.reason
+    assert LOCALIZER_NOTE in choice.reason
+
+
+def test_rules_test_command_drops_a_localizer_inside_a_series(tmp_path: Path) -> None:
+    write_with_localizer(tmp_path / "study", 12)
+    result = cli("rules", "test", str(tmp_path / "study"))
+    assert result.returncode == 0, result.stderr
+    assert f"ct-tissue: TAKES this series (12 slices); {LOCALIZER_NOTE}" in result.stdout

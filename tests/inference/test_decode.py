@@ -28,6 +28,7 @@ import agent.inference.decode_pool as decode_pool_module
 from agent.errors import PermanentError
 from agent.inference.decode import DecodeItem, decode_frames, decoder_for, no_decoder_reason
 from agent.inference.decode_pool import shutdown_pool, warm_pool
+from agent.logs import instance_key
 from tests.support.ci import unavailable
 from tests.support.data import REPO_ROOT, dicom_files, shared_data
 from tests.support.encodings import (
@@ -335,7 +336,8 @@ def test_colour_images_are_refused(corpus: Corpus, tmp_path: Path, workers: int)
     phantom = corpus.native("phantom")
     colour = _rgb_copy(phantom[0], tmp_path / "colour.dcm")
     items = [*items_of(phantom[1:]) * 3, DecodeItem(colour, 0, 1.0, 0.0)]
-    with pytest.raises(PermanentError, match=r"colour\.dcm frame 0 is not grayscale \("):
+    key = instance_key(colour)
+    with pytest.raises(PermanentError, match=rf"{key} frame 0 is not grayscale \("):
         decode_frames(items, workers=workers)
 
 
@@ -388,7 +390,8 @@ def test_a_damaged_file_names_file_and_syntax_and_leaks_nothing(
     with pytest.raises(PermanentError) as caught:
         decode_frames(items, workers=workers)
     message = str(caught.value)
-    assert message.startswith(f"cannot decode frame 0 of {damaged.name} (JPEG 2000 Image ")
+    assert message.startswith(f"cannot decode frame 0 of {instance_key(damaged)} (JPEG 2000 Image ")
+    assert damaged.stem not in message  # the file is named by its SOP Instance UID
     assert JPEG2000Lossless in message and "Traceback" not in message and "\n" not in message
     # The shared output block is gone, and the pool still works.
     assert all(not Path("/dev/shm", name).exists() for name in shm_names)

@@ -18,6 +18,7 @@ from pydicom.uid import (
 from agent.errors import PermanentError
 from agent.inference.frames import IMAGE_SOP_CLASSES, Frame, frames_of, key_keyword
 from agent.inference.pixels import same_pixels
+from agent.logs import instance_key
 from tests.support.data import shared_data
 from tests.support.series import (
     AXIAL,
@@ -271,5 +272,5 @@ def test_same_pixels_says_which_file_it_cannot_read(tmp_path: Path) -> None:
     series = write_series(tmp_path, 2)
     frame = only_frames(*header(series))[0]
     series.files[0].write_bytes(b"not dicom")
-    with pytest.raises(PermanentError, match=series.files[0].name):
+    with pytest.raises(PermanentError, match=instance_key(series.files[0])):
         same_pixels(frame, frame)

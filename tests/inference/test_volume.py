@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from agent.dicom.files import read_header
 from agent.domain import FrameRef
 from agent.errors import PermanentError
 from agent.inference.volume import load_volume, rescale
+from agent.logs import instance_key
 from tests.support.data import dicom_files, shared_data
 from tests.support.phantom import phantom_hu, phantom_labels, write_phantom_series
 from tests.support.series import (
@@ -83,7 +83,7 @@ def test_undecodable_pixel_data_is_a_permanent_error(tmp_path: Path) -> None:
     ds = pydicom.dcmread(broken)
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
     ds.save_as(broken)
-    with pytest.raises(PermanentError, match=re.escape(broken.name)):
+    with pytest.raises(PermanentError, match=instance_key(broken)):
         load_volume([FrameRef(p) for p in truth.files])
 
 
