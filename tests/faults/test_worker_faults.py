@@ -1,4 +1,5 @@
-"""Worker faults with real processes: a worker killed or shut down cold mid-inference.
+"""Worker faults with real processes, mid-inference: a worker killed or shut down cold, the
+database down, the disk full.
 
 The model waits on a gate (tests/support/gated_model.py), so that the fault strikes while the
 inference runs; after it, a worker is started again and nobody else acts. The PACS (a real
@@ -23,6 +24,8 @@ from tests.support.gated_model import GatedModel
 from tests.support.orthanc import Orthanc
 from tests.support.phantom import PhantomTruth, write_phantom_series
 from tests.support.ports import free_port
+from tests.support.postgres import PostgresServer
+from tests.support.tmpfs import fill, small_filesystem
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +54,14 @@ def model(tmp_path: Path) -> GatedModel:
     return gated
 
 
-def _config(folder: Path, port: int, broker: str, pacs: Orthanc, model: GatedModel) -> Path:
+def _config(
+    folder: Path, port: int, broker: str, pacs: Orthanc, model: GatedModel, database: str = ""
+) -> Path:
     path = write_config(
         folder,
         port=port,
         broker_url=broker,
+        database_url=database,
         quiet_seconds=1.0,
         destinations=[(pacs.aet, "127.0.0.1", pacs.dicom_port)],
         extra=model.config(),
@@ -146,3 +152,59 @@ def test_worker_killed_mid_inference_is_resumed_by_its_lease(
         model.open()
         with AgentProcess(config, "worker", "--queue", "gpu"):
             _done_once(db, pacs, truth, serve)
+
+
+@pytest.mark.timeout(240)
+def test_database_down_mid_inference_is_waited_for_then_done(
+    tmp_path: Path, pacs: Orthanc, model: GatedModel
+) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=12, rows=48, cols=48)
+    storescu(list(truth.files), port=pacs.dicom_port, called_aet=pacs.aet)
+    with PostgresServer() as database:
+        port = free_port()
+        config = _config(tmp_path / "agent", port, "memory://", pacs, model, database.url)
+        with agent_database(config) as db, AgentProcess(config, "serve") as serve:
+            serve.wait_listening(port)
+            storescu(list(truth.files), port=port, called_aet=AET)
+            _inferring(db, model, truth)
+            db.dispose()
+            database.stop()  # down while the model runs
+            model.open()
+            serve.wait_log("database unavailable", timeout=60)
+            time.sleep(3.0)  # a few retries while it stays down
+            database.start()
+            _done_once(db, pacs, truth, serve)
+            log = serve.log_path.read_text()
+    assert "study failed" not in log
+
+
+@pytest.mark.timeout(240)
+def test_disk_full_mid_inference_waits_for_space_then_done(
+    tmp_path: Path, pacs: Orthanc, model: GatedModel
+) -> None:
+    truth = write_phantom_series(tmp_path / "ct", slices=12, rows=48, cols=48)
+    storescu(list(truth.files), port=pacs.dicom_port, called_aet=pacs.aet)
+    port = free_port()
+    config = _config(tmp_path / "agent", port, "memory://", pacs, model)
+    # No floor on free space: the receiver would refuse the study on so small a filesystem.
+    text = config.read_text()
+    config.write_text(
+        text.replace("[spool]\n", "[spool]\nmin_free_percent = 0\nmin_free_gb = 0\n", 1)
+    )
+    # The spool on a filesystem of its own; the database beside it, on another.
+    with (
+        small_filesystem(tmp_path / "agent" / "spool", size_mb=64) as spool,
+        agent_database(config) as db,
+        AgentProcess(config, "serve") as serve,
+    ):
+        serve.wait_listening(port)
+        storescu(list(truth.files), port=port, called_aet=AET)
+        _inferring(db, model, truth)
+        filler = fill(spool)
+        model.open()
+        waiting = "waiting for disk space: results could not be written (no space left on device)"
+        wait_until(lambda: waiting in _state(db, truth.study_uid), 60, "waiting for space")
+        time.sleep(3.0)  # a few retries while it stays full
+        assert _state(db, truth.study_uid) == f"inferring: {waiting}"
+        filler.unlink()
+        _done_once(db, pacs, truth, serve)
