@@ -27,6 +27,7 @@ from agent.inference.volume import Volume, load_volume
 from agent.logs import log_context, study_key
 from agent.results import ModelResult, has_result, load_result, save_result
 from agent.settings import Settings
+from agent.space import disk_space
 from agent.spool.layout import SpoolLayout
 from agent.spool.writer import write_atomic
 
@@ -109,11 +110,12 @@ def infer(ctx: PipelineContext, job_id: str) -> Priority:
             volume = loaded[item.frames]
             model, device = _model(ctx, name)
             masks, measurements = run_model(model, volume, device)
-            save_result(
-                out / name,
-                ModelResult(model.identity, model.segments, measurements, masks),
-                ctx.layout.tmp,
-            )
+            with disk_space("results"):
+                save_result(
+                    out / name,
+                    ModelResult(model.identity, model.segments, measurements, masks),
+                    ctx.layout.tmp,
+                )
             log.info("model %s %s finished", model.identity.name, model.identity.version)
         ctx.db.transition(
             manifest.study_uid, State.EXPORTING, "encoding and sending", expect_job=job_id
@@ -164,7 +166,8 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
             )
             for ds, path in ((seg, seg_path), (sr, sr_path)):
                 buffer = _encode_file(ds)
-                write_atomic(path, [buffer], ctx.layout.tmp)
+                with disk_space("the outbox"):
+                    write_atomic(path, [buffer], ctx.layout.tmp)
         files += [seg_path, sr_path]
     return files
 
@@ -236,15 +239,32 @@ def note_retry(ctx: PipelineContext, job_id: str, state: State, reason: str) -> 
         log.warning("%s %s", "export" if state == State.EXPORTING else "inference", reason)
 
 
-def end(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:
-    """End a job's study as skipped or failed (no-op if the job was superseded)."""
+def note_waiting(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:
+    """Record that the job's current step waits for a resource (`reason`), once: a step that
+    waits for hours is retried every few seconds, and says so once, not once per try."""
     manifest = _manifest(ctx, job_id)
     with log_context(study=study_key(manifest.study_uid), job=job_id):
-        log.warning("study %s: %s", state, reason)
+        study = ctx.db.get(manifest.study_uid)
+        if study is not None and study.state == state and study.reason == reason:
+            return
+        ctx.db.transition(manifest.study_uid, state, reason, expect_job=job_id)
+        log.warning("%s %s", "export" if state == State.EXPORTING else "inference", reason)
+
+
+def end(ctx: PipelineContext, job_id: str, state: State, reason: str) -> None:
+    """End a job's study as skipped or failed (no-op if the job was superseded).
+
+    Logged once recorded: a database that does not answer raises here, the study is not
+    ended, and the log must not say it was.
+    """
+    manifest = _manifest(ctx, job_id)
+    with log_context(study=study_key(manifest.study_uid), job=job_id):
         try:
             ctx.db.transition(manifest.study_uid, state, reason, expect_job=job_id)
         except (Superseded, InvalidTransition):
-            log.info("job no longer current; its end is not recorded")
+            log.info("job no longer current; its end (%s: %s) is not recorded", state, reason)
+            return
+        log.warning("study %s: %s", state, reason)
 
 
 def hold(ctx: PipelineContext, job_id: str, reason: str) -> None:

@@ -45,9 +45,12 @@ def _context(settings: Settings) -> PipelineContext:
 
 
 def _run_worker(app: Celery, settings: Settings, queues: list[str], name: str) -> None:
-    """Run a Celery worker in this thread until SIGTERM/SIGINT (warm shutdown)."""
+    """Run a Celery worker in this thread until SIGTERM/SIGINT (warm shutdown; a second SIGINT
+    is a cold one, which interrupts the running task without ending its study)."""
+    from agent.queue.pool import SoloPool
+
     worker = app.Worker(
-        pool="solo",  # one process per GPU: the model stays loaded between tasks
+        pool=SoloPool,  # one process per GPU: the model stays loaded between tasks
         concurrency=1,
         queues=queues,
         hostname=f"{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}",

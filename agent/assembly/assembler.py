@@ -15,6 +15,7 @@ from agent.assembly.inbox import Inbox
 from agent.assembly.policy import QUIET_PERIOD, Clock, Decision, Interrupted, decide
 from agent.assembly.sealing import PULLED_FROM, Sealer
 from agent.db.database import Database
+from agent.db.leases import Leases
 from agent.db.schema import Study
 from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
 from agent.db.switches import HELD, ModelSwitches, held, in_state
@@ -281,12 +282,17 @@ class Assembler:
                     )
 
     def requeue_stale(self) -> None:
-        """Send again the job of every in-flight study whose state has not moved for too long.
+        """Send again the job of every in-flight study whose worker is gone or whose state has
+        not moved for too long.
 
-        A Redis that keeps nothing on disk forgets its queued messages when it restarts, and a
-        worker killed mid-task leaves its message unacknowledged until the visibility timeout,
-        while every process keeps running. Tasks ignore a job that is superseded or has ended,
-        and output UIDs are deterministic, so a second delivery costs time, never a duplicate.
+        A task holds its job's lease while it runs (agent/queue/lease.py): a lease that has
+        expired means its worker died mid-task (killed, out of memory, a GPU reset, the node
+        lost), and the job is sent again at once, once per lease. A live lease is never
+        overruled, however long the inference takes. Without a lease (the job waits in the
+        broker, or never reached it) `stale_after` is the backstop: a Redis that keeps nothing
+        on disk forgets its queued messages when it restarts. Tasks ignore a job that is
+        superseded, has ended or is leased by a live worker, and output UIDs are deterministic,
+        so a second delivery costs time, never a duplicate.
         """
         if self._stale_after is None:
             return
@@ -297,19 +303,24 @@ class Assembler:
             if s.job_id is not None and not s.reason.startswith((WAITING_FOR_BROKER, HELD))
         ]
         self._resent = {s.job_id: self._resent[s.job_id] for s in stuck if s.job_id in self._resent}
+        expiries = Leases(self._db).expiries(str(s.job_id) for s in stuck)
         for study in stuck:
             job_id = str(study.job_id)
-            since = max(_utc(study.updated_at), self._resent.get(job_id, _utc(study.updated_at)))
-            if now - since < timedelta(seconds=self._stale_after):
-                continue
+            expires = expiries.get(job_id)
+            if expires is not None and expires > now:
+                continue  # a live worker runs it
+            resent = self._resent.get(job_id)
+            if expires is not None and (resent is None or resent < expires):
+                why = f"its worker stopped {(now - expires).total_seconds():.0f} s ago"
+            else:
+                since = max(_utc(study.updated_at), resent or _utc(study.updated_at))
+                if now - since < timedelta(seconds=self._stale_after):
+                    continue
+                stuck_for = (now - _utc(study.updated_at)).total_seconds()
+                why = f"stuck {study.state} for {stuck_for:.0f} s"
             self._resent[job_id] = now  # sent or not, wait a full period before the next try
             with log_context(study=study.study_key, job=job_id):
-                log.warning(
-                    "study %s stuck %s for %.0f s: sending its job again",
-                    study.study_key,
-                    study.state,
-                    (now - _utc(study.updated_at)).total_seconds(),
-                )
+                log.warning("study %s %s: sending its job again", study.study_key, why)
                 try:
                     self._enqueue(job_id, self._layout.manifest_path(job_id))
                 except RetryableError as exc:

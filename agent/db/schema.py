@@ -180,6 +180,18 @@ class ModelSwitch(Base):
     changed_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
+class JobLease(Base):
+    """Which worker runs a job's task now: renewed while it runs, deleted when it returns; one
+    whose `expires_at` has passed lost its worker (killed, out of memory, its node gone)."""
+
+    __tablename__ = "job_lease"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    renewed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 def create_schema(engine: Engine) -> None:
     """Create missing tables; safe when serve and workers start at the same moment.
 

@@ -149,7 +149,7 @@ def _attempt(
         channels = manifest.output_channels
         if int(scores.shape[0]) < channels:
             raise NetworkFailed(
-                f"the network gives {int(scores.shape[0])} output channels; outputs up to "
+                f"the model gives {int(scores.shape[0])} output channels; outputs up to "
                 f"index {manifest.outputs[-1].index} need {channels}"
             )
         masks = turn.undo(_masks(manifest, scores, oriented_shape))
@@ -176,7 +176,7 @@ def _forward(
             )
             if scores.dim() != 5 or tuple(scores.shape[2:]) != tuple(x.shape[1:]):
                 raise NetworkFailed(
-                    f"the network returned shape {tuple(scores.shape)} for the volume "
+                    f"the model returned shape {tuple(scores.shape)} for the volume "
                     f"{tuple(batch.shape)}; expected (1, K, same z, y, x)"
                 )
             return scores[0].to(x.device)
@@ -192,7 +192,7 @@ def _forward(
     except torch.OutOfMemoryError:  # a RuntimeError, but the caller's to handle
         raise
     except PACKAGE_CODE_ERRORS as exc:
-        raise NetworkFailed(f"the network failed: {first_line(exc)}") from None
+        raise NetworkFailed(f"the model failed: {first_line(exc)}") from None
 
 
 def _masks(
@@ -207,7 +207,7 @@ def _masks(
         # Masks from the network: a voxel of the source grid is in where it is at least half in.
         values, threshold = scores[[i - 1 for i in indices]], 0.5 - 1e-6
     elif not bool(torch.isfinite(scores).all()):
-        raise NetworkFailed("the network gave NaN or infinite scores")
+        raise NetworkFailed("the model gave NaN or infinite scores")
     elif manifest.inference.activation == "sigmoid":
         values, threshold = torch.sigmoid(scores[[i - 1 for i in indices]].float()), 0.5
     else:

@@ -99,7 +99,7 @@ def sliding_window(
             scores = scores.to(volume.device)
         if scores.dim() != 5 or tuple(scores.shape[2:]) != patch_size:
             raise ValueError(
-                f"the network returned shape {tuple(scores.shape)} for a patch "
+                f"the model returned shape {tuple(scores.shape)} for a patch "
                 f"{tuple(batch.shape)}; expected (B, K, {pz}, {py}, {px})"
             )
         if total is None:

@@ -44,6 +44,11 @@ class QueueSettings(_Section):
     # Empty: the visibility timeout, after which Redis itself would redeliver an unacknowledged
     # message, and by which any task still running has long been stopped by the time limit.
     stale_after_seconds: Annotated[float, Field(gt=0)] | None = None
+    # A running task renews its job's lease every quarter of this; a job inferring or exporting
+    # whose lease has not been renewed for this long lost its worker (killed, out of memory, a
+    # node gone) and is sent to the broker again. A live worker keeps its job however long the
+    # inference takes.
+    lease_seconds: Annotated[float, Field(ge=2)] = 30.0
     # Calling AE titles (shell-style globs, case-insensitive) whose studies are urgent, e.g. the
     # emergency department's CT: their jobs go to the urgent queues, ahead of normal ones.
     urgent_senders: tuple[Pattern, ...] = ()

@@ -204,7 +204,7 @@ def test_mixed_precision_applies_on_cuda_only() -> None:
     [
         (
             lambda b: (_ for _ in ()).throw(ValueError("bad input\nmore")),
-            "the network failed: bad input",
+            "the model failed: bad input",
         ),
         (lambda b: torch.full((b.shape[0], 3, *b.shape[2:]), float("nan")), "NaN or infinite"),
         (lambda b: torch.zeros(b.shape[0], 2, *b.shape[2:]), "gives 2 output channels"),
