@@ -125,6 +125,10 @@ class Sealer:
             manifest_path = self._layout.manifest_path(job_id)
             write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
             summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
+            # What selection left out of a series a model takes (a scout saved into it).
+            dropped = "; ".join(c.reason for c in choices if c.input is not None and c.reason)
+            if dropped:
+                summary += f"; {dropped}"
             if urgent:
                 summary += f"; urgent ({urgent})"
             if note:

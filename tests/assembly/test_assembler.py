@@ -409,6 +409,11 @@ def test_a_localizer_inside_the_series_does_not_skip_the_study(rig: Rig, tmp_pat
     rig.assembler.seal_quiet_studies()
     study = rig.db.get(series.study_uid)
     assert study is not None and study.state == State.QUEUED, study and study.reason
+    # The queued state says what was dropped, as the README promises ("dropped, with a note").
+    assert study.reason == (
+        "ct-tissue: 12 slices; 1 instance dropped: ImageType ORIGINAL\\PRIMARY\\LOCALIZER "
+        "matches exclude pattern '*LOCALIZER*'"
+    )
     ((_job_id, manifest_path),) = rig.recorder.jobs
     (item,) = Manifest.from_json(manifest_path.read_text()).inputs
     assert item.series_uid == series.series_uid
