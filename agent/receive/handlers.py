@@ -8,9 +8,10 @@ import socket
 from collections.abc import Callable, Collection
 from functools import partial
 from io import BytesIO
-from typing import cast
+from typing import BinaryIO, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -18,6 +19,8 @@ from pynetdicom.events import Event
 
 from agent.connections import close_connection, close_reliably
 from agent.db.values import ArrivedInstance
+from agent.dicom.files import DEFAULT_MAX_BYTES
+from agent.dicom.inflate import CorruptDeflate, InflatedTooLarge, check_inflated_size
 from agent.dicom.uids import is_valid_uid
 from agent.receive.auditing import record_rejection
 from agent.receive.filemeta import encode_file_meta
@@ -107,6 +110,10 @@ class StoreHandler:
             log.warning("rejected an instance: %s", exc)
             return _status(CANNOT_UNDERSTAND, str(exc)), None
         study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            refused = self._inflated_refusal(BytesIO(raw))
+            if refused is not None:
+                return refused, study_uid
         missing = missing_uids(ids)
         if missing:
             log.warning("rejected an instance: missing or invalid %s", ", ".join(missing))
@@ -153,6 +160,25 @@ class StoreHandler:
                 "refused an instance of %d bytes: the limit is %d bytes", size, self._max_bytes
             )
             return _status(OUT_OF_RESOURCES, f"instance over the {self._max_bytes}-byte limit")
+        return None
+
+    def _inflated_refusal(self, dataset: BinaryIO) -> Dataset | None:
+        """0xA700 for a deflated dataset that inflates past the size limit, 0xC000 for a
+        corrupt one, else None.
+
+        The limit holds for the dataset as every later reader will see it: a deflated one of a
+        megabyte can inflate to gigabytes (PS3.5 A.5), which no header read may be made to
+        hold. It is inflated here once, counted and not kept.
+        """
+        limit = self._max_bytes or DEFAULT_MAX_BYTES
+        try:
+            check_inflated_size(dataset, limit)
+        except InflatedTooLarge as exc:
+            log.warning("refused an instance: %s", exc)
+            return _status(OUT_OF_RESOURCES, str(exc))
+        except CorruptDeflate as exc:
+            log.warning("rejected an instance: %s", exc)
+            return _status(CANNOT_UNDERSTAND, str(exc))
         return None
 
 
