@@ -7,7 +7,7 @@ import logging
 import socket
 from collections.abc import Callable, Collection
 from functools import partial
-from io import BytesIO
+from pathlib import Path
 from typing import BinaryIO, cast
 
 from pydicom.dataset import Dataset
@@ -23,14 +23,14 @@ from agent.dicom.files import DEFAULT_MAX_BYTES
 from agent.dicom.inflate import CorruptDeflate, InflatedTooLarge, check_inflated_size
 from agent.dicom.uids import is_valid_uid
 from agent.receive.auditing import record_rejection
-from agent.receive.filemeta import encode_file_meta
-from agent.receive.identify import Unreadable, identify, missing_uids
-from agent.receive.reads import CappedDataset, bound_datasets, bound_reads
+from agent.receive.identify import Unreadable, identify_file, missing_uids
+from agent.receive.reads import bound_reads
+from agent.receive.streamed import StreamedDataset
 from agent.settings import AllowedCaller, IpNetwork
 from agent.spool.arrival import admit
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
-from agent.spool.writer import write_atomic
+from agent.spool.writer import move_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,33 +92,45 @@ class StoreHandler:
     def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
         """The response status, and the instance's study when it could be read."""
         request = cast(C_STORE, event.request)
-        raw_stream = request.DataSet
-        if not isinstance(raw_stream, BytesIO):
+        stream = request.DataSet
+        if not isinstance(stream, StreamedDataset):
             return _status(CANNOT_UNDERSTAND, "no dataset in request"), None
-        if isinstance(raw_stream, CappedDataset):
-            size = raw_stream.received
-        else:
-            with raw_stream.getbuffer() as view:
-                size = view.nbytes
-        refusal = self._refusal(size)
+        stream.claimed = True
+        try:
+            return self._store_streamed(event, request, stream)
+        except OSError as exc:  # the temp file went away (an abort) or could not be read
+            log.error("spool write failed: %s", exc.strerror)
+            return _status(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}"), None
+        finally:
+            stream.discard()  # after the rename into the spool, there is nothing left to remove
+
+    def _store_streamed(
+        self, event: Event, request: C_STORE, stream: StreamedDataset
+    ) -> tuple[int | Dataset, str | None]:
+        refusal = self._refusal(stream.received)
         if refusal is not None:
             return refusal, None
-        raw = raw_stream.getvalue()
-        try:
-            ids = identify(raw, event.context.transfer_syntax)
-        except Unreadable as exc:
-            log.warning("rejected an instance: %s", exc)
-            return _status(CANNOT_UNDERSTAND, str(exc)), None
-        study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
-        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
-            refused = self._inflated_refusal(BytesIO(raw))
-            if refused is not None:
-                return refused, study_uid
+        if stream.error is not None:
+            return _status(OUT_OF_RESOURCES, f"spool write failed: {stream.error.strerror}"), None
+        syntax = event.context.transfer_syntax
+        with stream.dataset() as fp:
+            try:
+                ids = identify_file(fp, syntax)
+            except Unreadable as exc:
+                log.warning("rejected an instance: %s", exc)
+                return _status(CANNOT_UNDERSTAND, str(exc)), None
+            study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
+            if syntax == DeflatedExplicitVRLittleEndian:
+                fp.seek(stream.dataset_offset)
+                refused = self._inflated_refusal(fp)
+                if refused is not None:
+                    return refused, study_uid
         missing = missing_uids(ids)
         if missing:
             log.warning("rejected an instance: missing or invalid %s", ", ".join(missing))
             return _status(MISSING_UIDS, "missing or invalid " + ", ".join(missing)), study_uid
-        # PS3.4 B.2.3: the dataset must be of the SOP Class and Instance the request names.
+        # PS3.4 B.2.3: the dataset must be of the SOP Class and Instance the request names
+        # (and the file meta group the stream wrote was made from the request).
         if ids.sop_class_uid != request.AffectedSOPClassUID:
             log.warning("rejected an instance: SOP Class differs from the request's")
             return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request"), study_uid
@@ -128,15 +140,9 @@ class StoreHandler:
                 _status(DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request"),
                 study_uid,
             )
-
-        header = encode_file_meta(
-            ids.sop_class_uid,
-            ids.sop_uid,
-            str(event.context.transfer_syntax),
-            str(event.assoc.requestor.ae_title),
-        )
-        write = partial(write_atomic, chunks=(header, raw), tmp_dir=self._layout.tmp)
-        failure = admit(self._layout, ids, write, self._sink)
+        # Synced before the rename, the rename and its folder synced before the answer: an
+        # acknowledged instance is on disk (the one write of its bytes was the stream's).
+        failure = admit(self._layout, ids, partial(_synced_move, stream), self._sink)
         if failure is not None:
             return _status(OUT_OF_RESOURCES, failure), study_uid
         return SUCCESS, study_uid
@@ -154,7 +160,7 @@ class StoreHandler:
             level = self._watermark.check()
             if level.low:  # logged once by the watermark, not once per instance
                 return _status(OUT_OF_RESOURCES, level.reason)
-        # The connection's CappedDataset kept no more than the limit in memory meanwhile.
+        # The connection's StreamedDataset wrote no more than the limit meanwhile.
         if self._max_bytes is not None and size > self._max_bytes:
             log.warning(
                 "refused an instance of %d bytes: the limit is %d bytes", size, self._max_bytes
@@ -180,6 +186,10 @@ class StoreHandler:
             log.warning("rejected an instance: %s", exc)
             return _status(CANNOT_UNDERSTAND, str(exc))
         return None
+
+
+def _synced_move(stream: StreamedDataset, target: Path) -> None:
+    move_atomic(stream.sync(), target)
 
 
 class RejectWhileSpoolLow:
@@ -391,10 +401,8 @@ def _drop_on_protocol_error(assoc: Association) -> None:
     setattr(dul.state_machine, "do_action", guarded)  # noqa: B010 (mypy: a method)
 
 
-def handle_conn_open(event: Event, max_instance_bytes: int | None = None) -> None:
+def handle_conn_open(event: Event) -> None:
     _drop_on_protocol_error(event.assoc)
-    if max_instance_bytes is not None:
-        bound_datasets(event.assoc, max_bytes=max_instance_bytes)
     close_reliably(event.assoc)
     ae = event.assoc.ae
     bound_reads(
