@@ -175,7 +175,8 @@ def cmd_rules_test(settings: Settings, path: Path) -> int:
     from agent.assembly.explain import report
     from agent.inference.registry import with_package_rules
 
-    for line in report(path, with_package_rules(settings.models)):
+    limit = settings.receiver.max_instance_bytes
+    for line in report(path, with_package_rules(settings.models), limit):
         print(line)
     return EXIT_OK
 

@@ -10,7 +10,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from agent.assembly.rules import Series, choose, describe
-from agent.dicom.files import read_header
+from agent.dicom.files import DEFAULT_MAX_BYTES, read_header
+from agent.dicom.inflate import InflatedTooLarge
 from agent.errors import PermanentError
 from agent.logs import study_key
 from agent.settings import ModelSettings
@@ -28,13 +29,18 @@ def dicom_files(root: Path) -> Iterator[Path]:
     yield from sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def read_headers(root: Path) -> tuple[dict[Path, Dataset], list[str]]:
-    """Headers of every DICOM file under root, and one line per file that is not DICOM."""
+def read_headers(
+    root: Path, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[dict[Path, Dataset], list[str]]:
+    """Headers of every DICOM file under root, and one line per file that is not read: not
+    DICOM, or a deflated dataset that inflates past `max_bytes` (the receiver would refuse it)."""
     headers: dict[Path, Dataset] = {}
     unreadable: list[str] = []
     for path in dicom_files(root):
         try:
-            headers[path] = read_header(path)
+            headers[path] = read_header(path, max_bytes=max_bytes)
+        except InflatedTooLarge as exc:
+            unreadable.append(f"refused: {exc}")
         except PermanentError as exc:
             # The user's own files: their names help here, where no UID-named spool file is.
             unreadable.append(f"{path.name} ({exc})")
@@ -83,13 +89,18 @@ def _study_lines(headers: dict[Path, Dataset], models: Sequence[ModelSettings]) 
     return lines
 
 
-def report(root: Path, models: Sequence[ModelSettings]) -> list[str]:
-    """The lines `rules test` prints: per study and series, its stacks and each model's verdict."""
-    headers, unreadable = read_headers(root)
+def report(
+    root: Path, models: Sequence[ModelSettings], max_bytes: int = DEFAULT_MAX_BYTES
+) -> list[str]:
+    """The lines `rules test` prints: per study and series, its stacks and each model's verdict.
+
+    `max_bytes` is the receiver's instance size limit, which a deflated file is held to.
+    """
+    headers, unreadable = read_headers(root, max_bytes)
     lines = [f"{len(headers)} DICOM files in {root}"]
-    lines += [f"  not DICOM: {line}" for line in unreadable[:10]]
+    lines += [f"  {line}" for line in unreadable[:10]]
     if len(unreadable) > 10:
-        lines.append(f"  ... and {len(unreadable) - 10} more files that are not DICOM")
+        lines.append(f"  ... and {len(unreadable) - 10} more files that are not read")
     studies: dict[str, dict[Path, Dataset]] = {}
     for path, ds in headers.items():
         studies.setdefault(str(ds.get("StudyInstanceUID", "")), {})[path] = ds

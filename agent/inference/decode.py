@@ -14,7 +14,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.decoders.base import get_decoder
@@ -36,7 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from agent.dicom.files import DICOM_ERRORS
+from agent.dicom.files import DICOM_ERRORS, read_dicom
 from agent.dicom.uids import JPEG_XL_SYNTAXES, is_valid_uid
 from agent.errors import PermanentError
 from agent.logs import instance_key, without_file_names
@@ -156,8 +155,9 @@ def stored_frame(item: DecodeItem) -> np.ndarray:
         # pixel_array returns stored values: no Modality or VOI LUT, and with raw=True no
         # colour-space conversion (grayscale is all we accept). Rescaling is ours.
         if syntax == DeflatedExplicitVRLittleEndian:
-            # pixel_array(path) does not inflate a deflated dataset (PS3.5 A.5); dcmread does.
-            header = pydicom.dcmread(item.path)
+            # pixel_array(path) does not inflate a deflated dataset (PS3.5 A.5); read_dicom
+            # does, bounded: a deflate bomb is refused, not inflated whole.
+            header = read_dicom(item.path, pixels=True)
             stored = pixel_array(header, index=item.index, raw=True)
         else:
             # From a path, pixel_array reads only the requested frame.

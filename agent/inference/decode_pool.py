@@ -26,9 +26,8 @@ from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import numpy as np
-import pydicom
 
-from agent.dicom.files import DICOM_ERRORS
+from agent.dicom.files import DICOM_ERRORS, read_header
 from agent.errors import PermanentError, RetryableError
 from agent.inference.decode import DecodeItem, checked_frame, decode_serial, rescale_into
 from agent.logs import instance_key
@@ -172,8 +171,11 @@ def worker_count(workers: int | None) -> int:
 def _frame_shape(item: DecodeItem) -> tuple[int, int]:
     """Rows and Columns from the header of the first item, to size the shared output block."""
     try:
-        ds = pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        # read_header, not dcmread: a deflated dataset is inflated only within its bound.
+        ds = read_header(item.path)
         return int(ds.Rows), int(ds.Columns)
+    except PermanentError as exc:
+        raise PermanentError(f"cannot read Rows/Columns: {exc}") from exc
     except DICOM_ERRORS as exc:  # decoding it would fail the same way
         raise PermanentError(
             f"cannot read Rows/Columns of {instance_key(item.path)}: {type(exc).__name__}"

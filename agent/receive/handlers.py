@@ -7,10 +7,11 @@ import logging
 import socket
 from collections.abc import Callable, Collection
 from functools import partial
-from io import BytesIO
-from typing import cast
+from pathlib import Path
+from typing import BinaryIO, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -18,16 +19,18 @@ from pynetdicom.events import Event
 
 from agent.connections import close_connection, close_reliably
 from agent.db.values import SenderNews
+from agent.dicom.files import DEFAULT_MAX_BYTES
+from agent.dicom.inflate import CorruptDeflate, InflatedTooLarge, check_inflated_size
 from agent.dicom.uids import is_valid_uid
 from agent.receive.auditing import record_rejection
-from agent.receive.filemeta import encode_file_meta
-from agent.receive.identify import Unreadable, identify, missing_uids
-from agent.receive.reads import CappedDataset, bound_datasets, bound_reads
+from agent.receive.identify import Unreadable, identify_file, missing_uids
+from agent.receive.reads import bound_reads
+from agent.receive.streamed import StreamedDataset
 from agent.settings import AllowedCaller, IpNetwork
 from agent.spool.arrival import admit
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
-from agent.spool.writer import write_atomic
+from agent.spool.writer import move_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +94,45 @@ class StoreHandler:
     def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
         """The response status, and the instance's study when it could be read."""
         request = cast(C_STORE, event.request)
-        raw_stream = request.DataSet
-        if not isinstance(raw_stream, BytesIO):
+        stream = request.DataSet
+        if not isinstance(stream, StreamedDataset):
             return _status(CANNOT_UNDERSTAND, "no dataset in request"), None
-        if isinstance(raw_stream, CappedDataset):
-            size = raw_stream.received
-        else:
-            with raw_stream.getbuffer() as view:
-                size = view.nbytes
-        refusal = self._refusal(size)
+        stream.claimed = True
+        try:
+            return self._store_streamed(event, request, stream)
+        except OSError as exc:  # the temp file went away (an abort) or could not be read
+            log.error("spool write failed: %s", exc.strerror)
+            return _status(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}"), None
+        finally:
+            stream.discard()  # after the rename into the spool, there is nothing left to remove
+
+    def _store_streamed(
+        self, event: Event, request: C_STORE, stream: StreamedDataset
+    ) -> tuple[int | Dataset, str | None]:
+        refusal = self._refusal(stream.received)
         if refusal is not None:
             return refusal, None
-        raw = raw_stream.getvalue()
-        try:
-            ids = identify(raw, event.context.transfer_syntax)
-        except Unreadable as exc:
-            log.warning("rejected an instance: %s", exc)
-            return _status(CANNOT_UNDERSTAND, str(exc)), None
-        study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
+        if stream.error is not None:
+            return _status(OUT_OF_RESOURCES, f"spool write failed: {stream.error.strerror}"), None
+        syntax = event.context.transfer_syntax
+        with stream.dataset() as fp:
+            try:
+                ids = identify_file(fp, syntax)
+            except Unreadable as exc:
+                log.warning("rejected an instance: %s", exc)
+                return _status(CANNOT_UNDERSTAND, str(exc)), None
+            study_uid = ids.study_uid if is_valid_uid(ids.study_uid) else None
+            if syntax == DeflatedExplicitVRLittleEndian:
+                fp.seek(stream.dataset_offset)
+                refused = self._inflated_refusal(fp)
+                if refused is not None:
+                    return refused, study_uid
         missing = missing_uids(ids)
         if missing:
             log.warning("rejected an instance: missing or invalid %s", ", ".join(missing))
             return _status(MISSING_UIDS, "missing or invalid " + ", ".join(missing)), study_uid
-        # PS3.4 B.2.3: the dataset must be of the SOP Class and Instance the request names.
+        # PS3.4 B.2.3: the dataset must be of the SOP Class and Instance the request names
+        # (and the file meta group the stream wrote was made from the request).
         if ids.sop_class_uid != request.AffectedSOPClassUID:
             log.warning("rejected an instance: SOP Class differs from the request's")
             return _status(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request"), study_uid
@@ -123,15 +142,9 @@ class StoreHandler:
                 _status(DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request"),
                 study_uid,
             )
-
-        header = encode_file_meta(
-            ids.sop_class_uid,
-            ids.sop_uid,
-            str(event.context.transfer_syntax),
-            str(event.assoc.requestor.ae_title),
-        )
-        write = partial(write_atomic, chunks=(header, raw), tmp_dir=self._layout.tmp)
-        failure = admit(self._layout, ids, write, self._sink)
+        # Synced before the rename, the rename and its folder synced before the answer: an
+        # acknowledged instance is on disk (the one write of its bytes was the stream's).
+        failure = admit(self._layout, ids, partial(_synced_move, stream), self._sink)
         if failure is not None:
             return _status(OUT_OF_RESOURCES, failure), study_uid
         return SUCCESS, study_uid
@@ -149,13 +162,36 @@ class StoreHandler:
             level = self._watermark.check()
             if level.low:  # logged once by the watermark, not once per instance
                 return _status(OUT_OF_RESOURCES, level.reason)
-        # The connection's CappedDataset kept no more than the limit in memory meanwhile.
+        # The connection's StreamedDataset wrote no more than the limit meanwhile.
         if self._max_bytes is not None and size > self._max_bytes:
             log.warning(
                 "refused an instance of %d bytes: the limit is %d bytes", size, self._max_bytes
             )
             return _status(OUT_OF_RESOURCES, f"instance over the {self._max_bytes}-byte limit")
         return None
+
+    def _inflated_refusal(self, dataset: BinaryIO) -> Dataset | None:
+        """0xA700 for a deflated dataset that inflates past the size limit, 0xC000 for a
+        corrupt one, else None.
+
+        The limit holds for the dataset as every later reader will see it: a deflated one of a
+        megabyte can inflate to gigabytes (PS3.5 A.5), which no header read may be made to
+        hold. It is inflated here once, counted and not kept.
+        """
+        limit = self._max_bytes or DEFAULT_MAX_BYTES
+        try:
+            check_inflated_size(dataset, limit)
+        except InflatedTooLarge as exc:
+            log.warning("refused an instance: %s", exc)
+            return _status(OUT_OF_RESOURCES, str(exc))
+        except CorruptDeflate as exc:
+            log.warning("rejected an instance: %s", exc)
+            return _status(CANNOT_UNDERSTAND, str(exc))
+        return None
+
+
+def _synced_move(stream: StreamedDataset, target: Path) -> None:
+    move_atomic(stream.sync(), target)
 
 
 class RejectWhileSpoolLow:
@@ -367,10 +403,8 @@ def _drop_on_protocol_error(assoc: Association) -> None:
     setattr(dul.state_machine, "do_action", guarded)  # noqa: B010 (mypy: a method)
 
 
-def handle_conn_open(event: Event, max_instance_bytes: int | None = None) -> None:
+def handle_conn_open(event: Event) -> None:
     _drop_on_protocol_error(event.assoc)
-    if max_instance_bytes is not None:
-        bound_datasets(event.assoc, max_bytes=max_instance_bytes)
     close_reliably(event.assoc)
     ae = event.assoc.ae
     bound_reads(

@@ -32,6 +32,7 @@ from agent.receive.handlers import (
     handle_conn_open,
     handle_echo,
 )
+from agent.receive.streamed import DatasetStreams
 from agent.settings import ReceiverSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
@@ -181,6 +182,7 @@ def start_receiver(
     ae = build_ae(settings)
     # The assembler hears how each association ended for each study, as it hears arrivals.
     associations = AssociationAudit(report=sink)
+    streams = DatasetStreams(layout.tmp, settings.max_instance_bytes)
     handlers: list[Any] = [
         (
             evt.EVT_C_STORE,
@@ -201,7 +203,11 @@ def start_receiver(
         ),
         # After access control, so that a stranger is refused for good, not asked to retry.
         *([(evt.EVT_REQUESTED, RejectWhileSpoolLow(watermark))] if watermark else []),
-        (evt.EVT_CONN_OPEN, handle_conn_open, [settings.max_instance_bytes]),
+        (evt.EVT_CONN_OPEN, handle_conn_open),
+        # Each C-STORE dataset to a temp file in the spool as it arrives, not to memory.
+        (evt.EVT_CONN_OPEN, streams.opened),
+        (evt.EVT_CONN_CLOSE, streams.closed),
+        (evt.EVT_ABORTED, streams.closed),
         # The audit trail: accepted and rejected associations, what each one stored.
         *associations.handlers(),
     ]

@@ -15,13 +15,15 @@ import os
 from dataclasses import dataclass, replace
 from functools import partial
 
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from agent import audit
+from agent.dicom.files import DEFAULT_MAX_BYTES
+from agent.dicom.inflate import CorruptDeflate, InflatedTooLarge, check_inflated_size
 from agent.dicom.uids import is_valid_uid
 from agent.logs import log_context, study_key
 from agent.receive.filemeta import read_file_meta
@@ -182,10 +184,21 @@ class StowService:
             if syntax not in self._policy.transfer_syntaxes:
                 reason = f"transfer syntax {syntax[:64]} is not supported"
                 return self._refused(part, _with(named, TRANSFER_SYNTAX_NOT_SUPPORTED, reason))
+            start = fp.tell()
             try:
                 ids = identify_file(fp, UID(syntax))
             except Unreadable as exc:
                 return self._refused(part, _with(named, CANNOT_UNDERSTAND, str(exc)))
+            if syntax == DeflatedExplicitVRLittleEndian and part.refusal is None:
+                # As the C-STORE handler does: the limit holds for the inflated dataset too.
+                fp.seek(start)
+                limit = self._policy.max_instance_bytes or DEFAULT_MAX_BYTES
+                try:
+                    check_inflated_size(fp, limit)
+                except InflatedTooLarge as exc:
+                    return self._refused(part, _with(ids, OUT_OF_RESOURCES, str(exc)))
+                except CorruptDeflate as exc:
+                    return self._refused(part, _with(ids, CANNOT_UNDERSTAND, str(exc)))
         if part.refusal is not None:  # the spool was low, or the part over the size limit
             return self._refused(part, _with(ids, *part.refusal))
         missing = missing_uids(ids)

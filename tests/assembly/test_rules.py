@@ -13,8 +13,10 @@ from pydicom.dataset import Dataset
 from agent.assembly.rules import select
 from agent.settings import ModelSettings, SelectRules
 from tests.support.agent import cli
+from tests.support.bombs import GIB, bomb_file
 from tests.support.foreign import write_localizer, write_pdf, write_text_sr
 from tests.support.phantom import PhantomTruth, write_phantom_series
+from tests.support.receiver import minimal_ct
 from tests.support.series import write_with_localizer
 
 Headers = dict[Path, Dataset]
@@ -208,3 +210,18 @@ def test_rules_test_command_drops_a_localizer_inside_a_series(tmp_path: Path) ->
     result = cli("rules", "test", str(tmp_path / "study"))
     assert result.returncode == 0, result.stderr
     assert f"ct-tissue: TAKES this series (12 slices); {LOCALIZER_NOTE}" in result.stdout
+
+
+def test_rules_test_refuses_a_deflate_bomb_by_the_receiver_limit(tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "study" / "ct", slices=6, rows=32, cols=32)
+    bomb = minimal_ct()
+    bomb.StudyInstanceUID = truth.study_uid
+    bomb_file(tmp_path / "study" / "bomb.dcm", bomb, 2 * GIB)
+    config = tmp_path / "agent.toml"
+    config.write_text('[receiver]\nmax_instance_bytes = 67108864\n[[models]]\nname = "ct-tissue"\n')
+    result = cli("rules", "test", str(tmp_path / "study"), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "6 DICOM files" in result.stdout
+    assert "refused: cannot read bomb.dcm: inflated dataset over the 67108864-byte limit" in (
+        result.stdout
+    )

@@ -144,6 +144,7 @@ def test_a_dataset_over_the_size_limit_is_refused_and_the_association_goes_on(
     finally:
         close_connection(assoc)
     assert [a.sop_uid for a in receiver.arrivals] == [small.SOPInstanceUID]
+    assert list(receiver.layout.tmp.iterdir()) == []  # the refused one's temp file is gone
 
 
 def test_the_dataset_buffer_keeps_nothing_past_its_limit_but_counts_it() -> None:

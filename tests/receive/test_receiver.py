@@ -347,8 +347,14 @@ def test_instances_refused_for_resources_interrupt_the_study_and_others_do_not(
     (clean,) = _news_for(receiver, 1)
     assert isinstance(clean, CleanSend)
 
-    receiver.layout.tmp.rmdir()  # every write fails now, as on a full disk: 0xA700
+    # The disk fills mid-association: every write fails from now on, 0xA700. The refused
+    # instance's study is not read (its bytes never reached the spool), so the refusal counts
+    # against every study the association delivered.
+    more = minimal_ct()
+    more.StudyInstanceUID = stored.StudyInstanceUID
     assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(more).Status == 0x0000
+    receiver.layout.tmp.rmdir()
     assert assoc.send_c_store(refused).Status == 0xA700
     assoc.release()
     _, cut = _news_for(receiver, 2)

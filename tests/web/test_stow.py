@@ -24,6 +24,7 @@ from agent.receive.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from agent.settings import LoggingSettings, Settings, SpoolSettings, WebUser
 from agent.spool.watermark import DiskSpace, Watermark
 from agent.web.stow import SOP_CLASS_NOT_SUPPORTED
+from tests.support.bombs import GIB, bomb_file
 from tests.support.pki import Pki, make_pki
 from tests.support.receiver import minimal_ct
 from tests.support.web import (
@@ -356,3 +357,17 @@ def test_tls_on_the_web_port(tmp_path: Path, pki: Pki) -> None:
 def test_settings_keep_secrets_out_of_repr(tmp_path: Path) -> None:
     web = web_settings(tmp_path)
     assert TOKEN not in repr(web) and TOKEN not in repr(Settings(spool=SpoolSettings(), web=web))
+
+
+def test_a_deflate_bomb_is_refused_as_over_the_limit(tmp_path: Path) -> None:
+    limit = 64 * 1024 * 1024
+    bomb, good = minimal_ct(), minimal_ct()
+    receiver = {"receiver": {"max_instance_bytes": limit}}
+    with WebAgent(tmp_path, web_settings(tmp_path), **receiver) as agent:
+        boundary = new_boundary()
+        parts = [bomb_file(tmp_path / "bomb.dcm", bomb, 2 * GIB).read_bytes(), part10(good)]
+        response = _post(agent.url, multipart(parts, boundary), boundary=boundary)
+        assert response.status_code == 202
+        assert _sops(response, FAILED_SOP_SEQUENCE) == [(bomb.SOPInstanceUID, OUT_OF_RESOURCES)]
+        assert [a.sop_uid for a in agent.arrivals] == [good.SOPInstanceUID]
+        assert agent.leftovers() == []

@@ -1,0 +1,86 @@
+"""The start-up spool scan, and `serve` starting with a deflate bomb in its spool."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from agent.db.database import Database
+from agent.db.states import State
+from agent.db.values import ArrivedInstance
+from agent.spool.layout import SpoolLayout
+from agent.spool.scanner import unknown_instances
+from tests.support.agent import serving_agent, wait_for_study
+from tests.support.bombs import GIB, bomb_file, deflated_file
+from tests.support.process import peak_rss_bytes
+from tests.support.receiver import minimal_ct
+
+LIMIT = 64 * 1024 * 1024
+
+
+def _spooled(layout: SpoolLayout, ds: Dataset, pixel_bytes: int) -> Path:
+    path = layout.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    return bomb_file(path, ds, pixel_bytes)
+
+
+def test_the_scan_reports_a_bomb_and_leaves_it_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = SpoolLayout(tmp_path / "spool")
+    bomb, good = minimal_ct(), minimal_ct()
+    bomb_path = _spooled(layout, bomb, 2 * GIB)
+    good_path = layout.instance_path(
+        good.StudyInstanceUID, good.SeriesInstanceUID, good.SOPInstanceUID
+    )
+    deflated_file(good_path, good, 1024)
+    with caplog.at_level(logging.WARNING):
+        found = list(unknown_instances(layout, set(), max_bytes=LIMIT))
+    assert [a.sop_uid for a in found] == [good.SOPInstanceUID]
+    assert bomb_path.exists()
+    assert f"not processed: cannot read {bomb_path.name}: inflated dataset over the" in caplog.text
+
+
+def test_serve_starts_with_bombs_in_its_spool_without_inflating_them(tmp_path: Path) -> None:
+    """One bomb the database never heard of (the scan), one an older version recorded (sealing).
+
+    Before, each was inflated whole in memory: gigabytes for a 2 MB file, and a start that
+    failed under a memory limit until someone deleted it.
+    """
+    folder = tmp_path / "agent"
+    layout = SpoolLayout(folder / "spool")
+    unknown, recorded = minimal_ct(), minimal_ct()
+    pixels = 2 * GIB + 1024 * 1024  # past the default limit of [receiver] max_instance_bytes
+    _spooled(layout, unknown, pixels)
+    path = _spooled(layout, recorded, pixels)
+    db = Database(f"sqlite:///{folder / 'pacs-agent.db'}")
+    db.create_schema()
+    db.record_arrivals(
+        [
+            ArrivedInstance(
+                str(recorded.StudyInstanceUID),
+                str(recorded.SeriesInstanceUID),
+                str(recorded.SOPInstanceUID),
+                str(recorded.SOPClassUID),
+                path,
+                datetime.now(UTC),
+            )
+        ]
+    )
+    db.dispose()
+    with serving_agent(folder, quiet_seconds=0.5) as (agent, db, _port):
+        agent.wait_log("spool file left in place, not processed", timeout=120)
+        study = wait_for_study(
+            db, str(recorded.StudyInstanceUID), {State.SKIPPED}, 120, agent.log_tail
+        )
+        assert agent.process is not None
+        peak = peak_rss_bytes(agent.process.pid)
+        log = agent.log_path.read_text()
+    assert "instance not usable" in log and "inflated dataset over the" in log
+    assert study.instance_count == 1
+    assert db.get(str(unknown.StudyInstanceUID)) is None
+    # A bound on memory, not a time: the process holds a few chunks of each bomb, not 2 GiB.
+    assert peak < 1 * GIB, f"peak RSS {peak >> 20} MiB"
