@@ -40,10 +40,10 @@ def read_headers(
         try:
             headers[path] = read_header(path, max_bytes=max_bytes)
         except InflatedTooLarge as exc:
-            unreadable.append(f"refused: {exc}")
+            unreadable.append(f"refused: {path.name} ({exc})")
         except PermanentError as exc:
             # The user's own files: their names help here, where no UID-named spool file is.
-            unreadable.append(f"{path.name} ({exc})")
+            unreadable.append(f"not DICOM: {path.name} ({exc})")
     return headers, unreadable
 
 
