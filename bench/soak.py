@@ -377,7 +377,10 @@ def run(args: argparse.Namespace) -> int:
         text = config.read_text()
         queue_keys = f"[queue]\nstale_after_seconds = {args.stale}\ntask_time_limit_seconds = 30\n"
         study_keys = f"[study]\nsender_retry_seconds = {args.sender_retry}\n"
+        # The spool's filesystem is small: a floor of 5 % lets the disk-full fault cross it.
+        spool_keys = "[spool]\nmin_free_percent = 5\nmin_free_gb = 0\n"
         text = text.replace("[queue]\n", queue_keys, 1).replace("[study]\n", study_keys, 1)
+        text = text.replace("[spool]\n", spool_keys, 1)
         config.write_text(text)
         stack = Stack(root, config, port, redis, pacs, database, spool, mounted)
         stack_exit.callback(stack.stop_all)
