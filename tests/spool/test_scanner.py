@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from agent.db.database import Database
 from agent.db.states import State
 from agent.db.values import ArrivedInstance
+from agent.logs import instance_key
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import unknown_instances
 from tests.support.agent import serving_agent, wait_for_study
@@ -41,7 +42,11 @@ def test_the_scan_reports_a_bomb_and_leaves_it_in_place(
         found = list(unknown_instances(layout, set(), max_bytes=LIMIT))
     assert [a.sop_uid for a in found] == [good.SOPInstanceUID]
     assert bomb_path.exists()
-    assert f"not processed: cannot read {bomb_path.name}: inflated dataset over the" in caplog.text
+    # The file is named by its key, never by its SOP Instance UID (no identifiers in logs).
+    assert f"not processed: cannot read {instance_key(bomb_path)}: inflated dataset over the" in (
+        caplog.text
+    )
+    assert bomb.SOPInstanceUID not in caplog.text
 
 
 def test_serve_starts_with_bombs_in_its_spool_without_inflating_them(tmp_path: Path) -> None:
