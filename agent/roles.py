@@ -100,6 +100,7 @@ def cmd_serve(settings: Settings) -> int:
         urgent_senders=settings.queue.urgent_senders,
         sender_retry_seconds=settings.study.sender_retry_seconds,
         max_wait_seconds=settings.study.max_wait_seconds,
+        max_instance_bytes=settings.receiver.max_instance_bytes,
     )
     assembler.resume(requeue_in_flight=settings.queue.embedded)
     watermark = Watermark.from_settings(settings.spool)

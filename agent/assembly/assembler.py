@@ -20,6 +20,7 @@ from agent.db.schema import Study
 from agent.db.states import IN_FLIGHT, InvalidTransition, State, Superseded
 from agent.db.switches import HELD, ModelSwitches, held, in_state
 from agent.db.values import ArrivedInstance, CleanSend, Interruption, SenderNews
+from agent.dicom.files import DEFAULT_MAX_BYTES
 from agent.domain import Manifest
 from agent.errors import AgentError, RetryableError
 from agent.logs import log_context
@@ -74,6 +75,7 @@ class Assembler:
         urgent_senders: Sequence[str] = (),
         sender_retry_seconds: float = 0.0,
         max_wait_seconds: float | None = None,
+        max_instance_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._db = db
         self._layout = layout
@@ -87,7 +89,12 @@ class Assembler:
         self._stale_after = stale_after
         self._counts = CountCheck(db, counts, verify_after) if counts is not None else None
         self._switches = ModelSwitches(db)
-        self._sealer = Sealer(db, layout, models, self._switches, tuple(urgent_senders))
+        # The receiver's limit bounds every header this process reads back from the spool, so
+        # that no stored file (one an older version let in) inflates past it here.
+        self._max_bytes = max_instance_bytes
+        self._sealer = Sealer(
+            db, layout, models, self._switches, tuple(urgent_senders), max_instance_bytes
+        )
         # The models of each job waiting in `queued`, read once from its manifest.
         self._job_models: dict[str, tuple[str, ...]] = {}
         # When this process last sent each in-flight job again, so it waits `stale_after` anew.
@@ -125,7 +132,9 @@ class Assembler:
         stray = clear_partial_writes(self._layout)
         if stray:
             log.info("removed %d partial writes that were never acknowledged", stray)
-        found = list(unknown_instances(self._layout, self._db.known_paths()))
+        found = list(
+            unknown_instances(self._layout, self._db.known_paths(), max_bytes=self._max_bytes)
+        )
         if found:
             log.info("recovered %d spooled instances missing from the database", len(found))
             self._db.record_arrivals(found)

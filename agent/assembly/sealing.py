@@ -24,7 +24,7 @@ from agent.db.database import Database
 from agent.db.schema import Study
 from agent.db.states import State
 from agent.db.switches import ModelSwitches, held, in_state
-from agent.dicom.files import read_header
+from agent.dicom.files import DEFAULT_MAX_BYTES, read_header
 from agent.domain import Manifest, ModelInput
 from agent.errors import PermanentError
 from agent.logs import log_context
@@ -61,12 +61,14 @@ class Sealer:
         models: tuple[ModelSettings, ...],
         switches: ModelSwitches,
         urgent_senders: tuple[str, ...],
+        max_instance_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._db = db
         self._layout = layout
         self._models = models
         self._switches = switches
         self._urgent_senders = urgent_senders
+        self._max_bytes = max_instance_bytes
 
     def seal(self, study: Study, why: str = "") -> QueuedJob | None:
         """Seal a receiving (or complete) study, `why` as its `complete` transition says;
@@ -90,7 +92,7 @@ class Sealer:
             elif not why:
                 why = study.reason.rpartition("; ")[0]
             note = why if PARTIAL in why else ""
-            headers = _readable_headers(paths)
+            headers = _readable_headers(paths, self._max_bytes)
             states = self._switches.effective(self._models)
             choices = without_switched_off(select(headers, self._models), states)
             inputs = tuple(c.input for c in choices if c.input is not None)
@@ -160,7 +162,7 @@ def input_digest(inputs: Sequence[ModelInput], headers: Mapping[Path, Dataset]) 
     return digest.hexdigest()
 
 
-def _readable_headers(paths: list[Path]) -> dict[Path, Dataset]:
+def _readable_headers(paths: list[Path], max_bytes: int) -> dict[Path, Dataset]:
     """Headers of the study's instances; one that cannot be parsed is left out, with a warning.
 
     The receiver validates only the identifying elements, so a dataset damaged further on is
@@ -169,7 +171,7 @@ def _readable_headers(paths: list[Path]) -> dict[Path, Dataset]:
     headers: dict[Path, Dataset] = {}
     for path in paths:
         try:
-            headers[path] = read_header(path)
+            headers[path] = read_header(path, max_bytes=max_bytes)
         except PermanentError as exc:
             log.warning("instance not usable: %s", exc)
     return headers

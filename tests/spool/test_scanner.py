@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
+from agent.assembly.assembler import Assembler
 from agent.db.database import Database
 from agent.db.states import State
 from agent.db.values import ArrivedInstance
 from agent.logs import instance_key
+from agent.settings import ModelSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import unknown_instances
+from tests.assembly.test_assembler import T0, FakeClock, Recorder
 from tests.support.agent import serving_agent, wait_for_study
 from tests.support.bombs import GIB, bomb_file, deflated_file
 from tests.support.process import peak_rss_bytes
@@ -89,3 +92,45 @@ def test_serve_starts_with_bombs_in_its_spool_without_inflating_them(tmp_path: P
     assert db.get(str(unknown.StudyInstanceUID)) is None
     # A bound on memory, not a time: the process holds a few chunks of each bomb, not 2 GiB.
     assert peak < 1 * GIB, f"peak RSS {peak >> 20} MiB"
+
+
+def test_the_assembler_reads_the_spool_within_the_receivers_limit(tmp_path: Path) -> None:
+    """`[receiver] max_instance_bytes` bounds the start-up scan and sealing too, not only the
+    receiver: before, both read with the 2 GiB default whatever the limit was, so a file of
+    100 MB inflated (an older version's, or one stored under a larger limit) was read whole."""
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    db = Database(f"sqlite:///{tmp_path / 'agent.db'}")
+    db.create_schema()
+    unknown, recorded = minimal_ct(), minimal_ct()
+    pixels = LIMIT + 1024 * 1024  # over this agent's limit, well within the default
+    _spooled(layout, unknown, pixels)
+    path = _spooled(layout, recorded, pixels)
+    db.record_arrivals(
+        [
+            ArrivedInstance(
+                str(recorded.StudyInstanceUID),
+                str(recorded.SeriesInstanceUID),
+                str(recorded.SOPInstanceUID),
+                str(recorded.SOPClassUID),
+                path,
+                T0,
+            )
+        ]
+    )
+    clock = FakeClock()
+    assembler = Assembler(
+        db,
+        layout,
+        quiet_seconds=1.0,
+        models=(ModelSettings(),),
+        enqueue=Recorder(),
+        clock=clock,
+        max_instance_bytes=LIMIT,
+    )
+    assembler.resume(requeue_in_flight=True)
+    assert db.get(str(unknown.StudyInstanceUID)) is None  # left in place, not recorded
+    clock.at += timedelta(seconds=5)
+    assembler.seal_quiet_studies()
+    study = db.get(str(recorded.StudyInstanceUID))
+    assert study is not None and study.state == State.SKIPPED, study and study.reason
