@@ -294,17 +294,18 @@ def fault_schedule(
             time.sleep(SEND_RETRY_S)
         return f"{len(files) // 2} of {len(files)} instances, then A-ABORT; re-sent whole"
 
+    # The faults of arrival first, while the senders still send; then those of processing.
     schedule: list[tuple[str, Callable[[], str]]] = [
         ("serve (SIGKILL while receiving)", agent("serve", None)),
+        ("PostgreSQL (stopped for 4 s)", database),
+        ("spool disk (full for 5 s)", disk_full),
+        ("sender (A-ABORT mid-study)", aborting_sender),
         ("gpu worker (SIGKILL mid-inference)", agent("gpu", State.INFERRING)),
         ("io worker (SIGKILL mid-export)", agent("io", State.EXPORTING)),
         ("Redis (kill -9, restarted empty)", redis),
         ("Orthanc (stopped for 5 s)", orthanc),
         ("serve (SIGKILL after sealing)", agent("serve", State.QUEUED)),
-        ("PostgreSQL (stopped for 4 s)", database),
-        ("spool disk (full for 5 s)", disk_full),
         ("gpu worker (SIGTERM twice mid-inference)", double_sigterm),
-        ("sender (A-ABORT mid-study)", aborting_sender),
     ]
     for what, fault in schedule:
         if stop.wait(every):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.db.database import Database
 from tests.support.ci import unavailable
 from tests.support.ports import free_port
 from tests.support.postgres import Cluster
@@ -92,3 +93,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """A database with its schema, on each configurable backend."""
+    database = Database(database_url)
+    database.create_schema()
+    yield database
+    database.dispose()

@@ -23,14 +23,6 @@ def _arrival(sop: str, at: datetime = T0, study: str = STUDY) -> ArrivedInstance
     )
 
 
-@pytest.fixture
-def db(database_url: str) -> Database:
-    database = Database(database_url)
-    database.create_schema()
-    yield database
-    database.dispose()
-
-
 def test_forward_path_and_terminal_states() -> None:
     path = [
         State.RECEIVING,

@@ -3,7 +3,6 @@ expires, once per lease; a live worker's job never is, however long it runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from tests.assembly.test_assembler import T0, FakeClock, Recorder, _spool
 from tests.support.phantom import write_phantom_series
 
 HOUR = 3600.0
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.create_schema()
-    yield database
-    database.dispose()
 
 
 def test_a_job_whose_worker_died_is_sent_again_once_per_lease(

@@ -7,7 +7,6 @@ study, without anybody acting but the sender re-sending what it was not acknowle
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.slow
 
 AET = "PACS_AGENT"
 SLICES = 60
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    with Orthanc(tmp_path / "pacs") as orthanc:
-        yield orthanc
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,20 +89,6 @@ class BackgroundSend(threading.Thread):
 
     def run(self) -> None:
         self.result = storescu(self.files, port=self.port, called_aet=AET, timeout=60, check=False)
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    """Orthanc with a kept workdir, so it can be stopped and started again with its data."""
-    with Orthanc(tmp_path / "pacs") as orthanc:
-        yield orthanc
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """Our own Redis (never the system's): free port, nothing on disk, ours to kill."""
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.mark.timeout(180)

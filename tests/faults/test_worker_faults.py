@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,18 +32,6 @@ AET = "PACS_AGENT"
 LEASE_SECONDS = 3.0
 # The promise: running again within 60 s of the cause going away.
 RESUME_SECONDS = 60.0
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    with Orthanc(tmp_path / "pacs") as orthanc:
-        yield orthanc
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.fixture

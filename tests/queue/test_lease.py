@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from agent.db.database import Database, utcnow
 from agent.db.leases import Leases
 from agent.queue.lease import holder_name, job_lease
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.create_schema()
-    yield database
-    database.dispose()
 
 
 def test_a_live_lease_keeps_its_job_and_an_expired_one_is_taken_over(db: Database) -> None:

@@ -31,6 +31,15 @@ def _spooled(layout: SpoolLayout, ds: Dataset, pixel_bytes: int) -> Path:
     return bomb_file(path, ds, pixel_bytes)
 
 
+def _record(db: Database, ds: Dataset, path: Path, at: datetime) -> None:
+    """Record `ds`, spooled at `path`, as the receiver would have."""
+    study, series, sop, sop_class = (
+        str(ds[k].value)
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    )
+    db.record_arrivals([ArrivedInstance(study, series, sop, sop_class, path, at)])
+
+
 def test_the_scan_reports_a_bomb_and_leaves_it_in_place(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -66,18 +75,7 @@ def test_serve_starts_with_bombs_in_its_spool_without_inflating_them(tmp_path: P
     path = _spooled(layout, recorded, pixels)
     db = Database(f"sqlite:///{folder / 'pacs-agent.db'}")
     db.create_schema()
-    db.record_arrivals(
-        [
-            ArrivedInstance(
-                str(recorded.StudyInstanceUID),
-                str(recorded.SeriesInstanceUID),
-                str(recorded.SOPInstanceUID),
-                str(recorded.SOPClassUID),
-                path,
-                datetime.now(UTC),
-            )
-        ]
-    )
+    _record(db, recorded, path, datetime.now(UTC))
     db.dispose()
     with serving_agent(folder, quiet_seconds=0.5) as (agent, db, _port):
         agent.wait_log("spool file left in place, not processed", timeout=120)
@@ -106,18 +104,7 @@ def test_the_assembler_reads_the_spool_within_the_receivers_limit(tmp_path: Path
     pixels = LIMIT + 1024 * 1024  # over this agent's limit, well within the default
     _spooled(layout, unknown, pixels)
     path = _spooled(layout, recorded, pixels)
-    db.record_arrivals(
-        [
-            ArrivedInstance(
-                str(recorded.StudyInstanceUID),
-                str(recorded.SeriesInstanceUID),
-                str(recorded.SOPInstanceUID),
-                str(recorded.SOPClassUID),
-                path,
-                T0,
-            )
-        ]
-    )
+    _record(db, recorded, path, T0)
     clock = FakeClock()
     assembler = Assembler(
         db,
