@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.settings import SpoolSettings
+from agent.spool.measured import Measured, MonotonicClock
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class Level:
 
 
 DiskProbe = Callable[[Path], DiskSpace]
-MonotonicClock = Callable[[], float]
 
 
 def statvfs_space(path: Path) -> DiskSpace:
@@ -73,11 +72,8 @@ class Watermark:
         self._min_percent = min_free_percent
         self._min_bytes = min_free_bytes
         self._probe = probe
-        self._clock = clock
-        self._cache_seconds = cache_seconds
-        self._lock = threading.Lock()
         self._level = Level(low=False)
-        self._expires: float | None = None
+        self._checked = Measured(self._remeasure, seconds=cache_seconds, clock=clock)
 
     @classmethod
     def from_settings(cls, settings: SpoolSettings) -> Watermark:
@@ -89,12 +85,11 @@ class Watermark:
 
     def check(self) -> Level:
         """The current level, measured again when the cached one is older than the cache time."""
-        with self._lock:
-            now = self._clock()
-            if self._expires is None or now >= self._expires:
-                self._update(self._measure())
-                self._expires = now + self._cache_seconds
-            return self._level
+        return self._checked.get()
+
+    def _remeasure(self) -> Level:
+        self._update(self._measure())
+        return self._level
 
     def _measure(self) -> Level:
         try:

@@ -8,18 +8,18 @@ health probe said `spool: ok`. Writing is the only test that covers both.
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from agent.spool.measured import Measured, MonotonicClock
 
 # Measured at most this often, as the free-space watermark: a probe per health request would
 # let a stranger make the service create files as fast as it can ask.
 CACHE_SECONDS = 1.0
 
 WriteProbe = Callable[[Path], None]
-MonotonicClock = Callable[[], float]
 
 
 def create_and_remove(folder: Path) -> None:
@@ -50,23 +50,15 @@ class SpoolWritable:
     ) -> None:
         self._folder = folder
         self._probe = probe
-        self._clock = clock
-        self._cache_seconds = cache_seconds
-        self._lock = threading.Lock()
-        self._problem: str | None = None
-        self._expires: float | None = None
+        # "" for writable: the cache keeps a value, and None is its "not measured yet".
+        self._answer = Measured(self._measure, seconds=cache_seconds, clock=clock)
 
     def problem(self) -> str | None:
-        with self._lock:
-            now = self._clock()
-            if self._expires is None or now >= self._expires:
-                self._problem = self._measure()
-                self._expires = now + self._cache_seconds
-            return self._problem
+        return self._answer.get() or None
 
-    def _measure(self) -> str | None:
+    def _measure(self) -> str:
         try:
             self._probe(self._folder)
         except OSError as exc:
             return exc.strerror or type(exc).__name__
-        return None
+        return ""
