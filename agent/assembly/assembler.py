@@ -40,6 +40,8 @@ __all__ = ["QUIET_PERIOD", "RETRY_REQUESTED", "WAITING_FOR_BROKER", "Assembler",
 # as long after each further failure, up to the cap: back within a minute of the cause going.
 SEAL_RETRY_SECONDS = 2.0
 SEAL_RETRY_MAX_SECONDS = 30.0
+# Leases expired this long, of jobs no longer in flight, are deleted; checked this often.
+LEASE_SWEEP_SECONDS = 3600.0
 
 
 class Assembler:
@@ -106,6 +108,8 @@ class Assembler:
         self._db_down_since: float | None = None
         # A study whose sealing failed: when to try again (monotonic) and the delay after that.
         self._seal_retry: dict[str, tuple[float, float]] = {}
+        # When this process last deleted old leases (monotonic); None: not yet.
+        self._leases_swept: float | None = None
         # drain() itself waits up to a tick for arrivals, so the loop runs again at once.
         self._loop = Periodic("assembler", self._iteration, interval=0, pause=self._tick)
 
@@ -312,7 +316,9 @@ class Assembler:
             if s.job_id is not None and not s.reason.startswith((WAITING_FOR_BROKER, HELD))
         ]
         self._resent = {s.job_id: self._resent[s.job_id] for s in stuck if s.job_id in self._resent}
-        expiries = Leases(self._db).expiries(str(s.job_id) for s in stuck)
+        leases = Leases(self._db)
+        expiries = leases.expiries(str(s.job_id) for s in stuck)
+        self._forget_old_leases(leases, now, [str(s.job_id) for s in stuck])
         for study in stuck:
             job_id = str(study.job_id)
             expires = expiries.get(job_id)
@@ -334,6 +340,16 @@ class Assembler:
                     self._enqueue(job_id, self._layout.manifest_path(job_id))
                 except RetryableError as exc:
                     log.warning("cannot enqueue yet: %s", exc)
+
+    def _forget_old_leases(self, leases: Leases, now: datetime, in_flight: list[str]) -> None:
+        """Now and then, delete leases long expired whose jobs are no longer in flight."""
+        mono = self._clock.monotonic()
+        if self._leases_swept is not None and mono - self._leases_swept < LEASE_SWEEP_SECONDS:
+            return
+        self._leases_swept = mono
+        gone = leases.forget_expired(now - timedelta(seconds=LEASE_SWEEP_SECONDS), in_flight)
+        if gone:
+            log.info("forgot %d expired leases of jobs no longer in flight", gone)
 
     def _seal(self, study: Study, why: str = "") -> None:
         """Seal the study and send (or hold) its job. A failure of the database or the disk

@@ -90,3 +90,17 @@ class Leases:
                 select(JobLease.job_id, JobLease.expires_at).where(JobLease.job_id.in_(wanted))
             ).all()
             return {str(job): as_utc(at) for job, at in rows}
+
+    def forget_expired(self, before: datetime, keep: Iterable[str]) -> int:
+        """Delete the leases that expired before `before`, except those of the jobs in `keep`
+        (the in-flight ones, whose expired lease says their worker died); returns how many.
+
+        A killed worker's lease of a job that has since ended or been superseded (a late
+        arrival made a new job) is read by nobody: without this the table only grows.
+        """
+        kept = list(keep)
+        with self._db.session() as s, s.begin():
+            query = delete(JobLease).where(JobLease.expires_at < before)
+            if kept:
+                query = query.where(JobLease.job_id.not_in(kept))
+            return _rows(s.execute(query.execution_options(synchronize_session=False)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.assembly.assembler import Assembler
-from agent.db.database import Database
+from agent.db.database import Database, utcnow
 from agent.db.leases import Leases
 from agent.db.states import State
 from agent.settings import ModelSettings
@@ -84,3 +84,36 @@ def test_a_job_whose_worker_died_is_sent_again_once_per_lease(
     clock.at = taken + timedelta(seconds=HOUR + 10)
     assembler.requeue_stale()
     assert len(recorder.jobs) == 3
+
+
+def test_leases_long_expired_of_jobs_no_longer_in_flight_are_forgotten(
+    db: Database, tmp_path: Path
+) -> None:
+    """A killed worker's lease of a job since superseded was kept for ever; now the assembler
+    deletes it once it is an hour old, and keeps the expired lease of a job still in flight
+    (that one says its worker died)."""
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    clock = FakeClock()
+    assembler = Assembler(
+        db,
+        layout,
+        quiet_seconds=30,
+        models=(ModelSettings(),),
+        enqueue=Recorder(),
+        clock=clock,
+        stale_after=HOUR,
+    )
+    truth = write_phantom_series(tmp_path / "ct", slices=5, rows=32, cols=32)
+    db.record_arrivals(_spool(layout, list(truth.files), T0))
+    clock.at = T0 + timedelta(minutes=1)
+    assembler.seal_quiet_studies()
+    study = db.get(truth.study_uid)
+    assert study is not None and study.job_id is not None
+    leases = Leases(db)
+    for job in (study.job_id, "superseded-job"):
+        assert leases.acquire(job, "gpu-1:100", 30)
+        leases.expire(job, "gpu-1:100")  # its worker was killed
+    clock.at = utcnow() + timedelta(seconds=HOUR + 60)
+    assembler.requeue_stale()
+    assert set(leases.expiries([study.job_id, "superseded-job"])) == {study.job_id}
