@@ -49,6 +49,8 @@ AET = "PACS_AGENT"
 RESULT_MODALITIES = ("SEG", "SR")
 SEND_RETRY_S = 1.0  # a modality's pause before sending a failed study again
 SEND_ATTEMPTS = 60
+SPARES = 5  # studies kept back: one for the aborting sender, the rest to bring a fault a study
+MISSED = "no study"  # how a fault that found nothing to interrupt says so
 
 
 @dataclass
@@ -121,25 +123,30 @@ class Sending:
                 self.active -= 1
 
 
+def send_study(item: Sent, port: int, sending: Sending, stop: threading.Event) -> None:
+    """Send one study whole, again after each failure, as a modality does."""
+    while item.attempts < SEND_ATTEMPTS and not stop.is_set():
+        item.attempts += 1
+        with sending.one():
+            result = storescu(
+                list(item.truth.files), port=port, called_aet=AET, timeout=30, check=False
+            )
+        if result.returncode == 0:
+            item.last_sent = time.monotonic()
+            return
+        time.sleep(SEND_RETRY_S)
+
+
 def sender(
     work: queue.Queue[Sent], port: int, pause: float, sending: Sending, stop: threading.Event
 ) -> None:
-    """Send studies from `work` until it is empty; a failed send is repeated whole."""
+    """Send studies from `work` until it is empty."""
     while not stop.is_set():
         try:
             item = work.get_nowait()
         except queue.Empty:
             return
-        while item.attempts < SEND_ATTEMPTS and not stop.is_set():
-            item.attempts += 1
-            with sending.one():
-                result = storescu(
-                    list(item.truth.files), port=port, called_aet=AET, timeout=30, check=False
-                )
-            if result.returncode == 0:
-                item.last_sent = time.monotonic()
-                break
-            time.sleep(SEND_RETRY_S)
+        send_study(item, port, sending, stop)
         time.sleep(pause)
 
 
@@ -193,12 +200,14 @@ def fault_schedule(
     every: float,
     kills: list[Kill],
     stop: threading.Event,
-    spare: Sent,
+    spares: list[Sent],
 ) -> None:
-    """Make each fault once, `every` seconds apart, catching a process mid-step if it can;
-    `spare` is the study the aborting sender sends."""
+    """Make each fault once, `every` seconds apart, catching a process mid-step: when no study
+    is at that step (the senders have finished), one of `spares` is sent to bring one there.
+    The aborting sender sends the first spare."""
+    spare, extra = spares[0], list(spares[1:])
 
-    def wait_for(state: State | None, timeout: float) -> str:
+    def poll(state: State | None, timeout: float) -> str | None:
         # Inference of a small series takes tens of milliseconds: poll fast to land inside it.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not stop.is_set():
@@ -207,7 +216,19 @@ def fault_schedule(
             if state is not None and any_in(db, state):
                 return f"a study {state}"
             time.sleep(0.005)
-        return f"no study {state or 'arriving'} within {timeout:g} s"
+        return None
+
+    def wait_for(state: State | None, timeout: float) -> str:
+        caught = poll(state, min(timeout, 3.0))
+        if caught is None and extra:
+            item = extra.pop(0)
+            threading.Thread(
+                target=send_study, args=(item, stack.port, sending, stop), daemon=True
+            ).start()
+            caught = poll(state, timeout)
+            if caught is not None:
+                caught += " (a spare study sent for it)"
+        return caught or f"{MISSED} {state or 'arriving'} within {timeout:g} s"
 
     def agent(name: str, state: State | None) -> Callable[[], str]:
         def fault() -> str:
@@ -285,13 +306,7 @@ def fault_schedule(
         assoc.abort()
         item.attempts += 1
         time.sleep(SEND_RETRY_S * 5)  # longer than the quiet period: it must wait for this
-        while item.attempts < SEND_ATTEMPTS and not stop.is_set():
-            item.attempts += 1
-            result = storescu(files, port=stack.port, called_aet=AET, timeout=30, check=False)
-            if result.returncode == 0:
-                item.last_sent = time.monotonic()
-                break
-            time.sleep(SEND_RETRY_S)
+        send_study(item, stack.port, sending, stop)
         return f"{len(files) // 2} of {len(files)} instances, then A-ABORT; re-sent whole"
 
     # The faults of arrival first, while the senders still send; then those of processing.
@@ -350,16 +365,18 @@ def run(args: argparse.Namespace) -> int:
             )
             for i in range(args.senders * args.studies)
         ]
-        spare = Sent(
-            write_phantom_series(
-                root / "studies" / "spare",
-                slices=args.slices,
-                rows=args.size,
-                cols=args.size,
-                seed=len(sent),
+        spares = [
+            Sent(
+                write_phantom_series(
+                    root / "studies" / f"spare-{i}",
+                    slices=args.slices,
+                    rows=args.size,
+                    cols=args.size,
+                    seed=len(sent) + i,
+                )
             )
-        )
-        sent.append(spare)
+            for i in range(SPARES)
+        ]
         log(f"{len(sent)} studies of {args.slices} slices {args.size}x{args.size} written", start)
         redis = stack_exit.enter_context(RedisServer(root / "redis"))
         pacs = stack_exit.enter_context(Orthanc(root / "pacs"))
@@ -394,8 +411,7 @@ def run(args: argparse.Namespace) -> int:
         stack_exit.callback(stop.set)
         work: queue.Queue[Sent] = queue.Queue()
         for item in sent:
-            if item is not spare:
-                work.put(item)
+            work.put(item)
         kills: list[Kill] = []
         sending = Sending()
         began = time.monotonic()
@@ -407,16 +423,19 @@ def run(args: argparse.Namespace) -> int:
         ]
         faults = threading.Thread(
             target=fault_schedule,
-            args=(stack, db, sending, began, args.every, kills, stop, spare),
+            args=(stack, db, sending, began, args.every, kills, stop, spares),
             daemon=True,
         )
-        watcher = threading.Thread(target=watch_pacs, args=(pacs, sent, stop), daemon=True)
+        watcher = threading.Thread(
+            target=watch_pacs, args=(pacs, [*sent, *spares], stop), daemon=True
+        )
         for thread in [*threads, faults, watcher]:
             thread.start()
         for thread in threads:
             thread.join()
         log("senders finished", start)
         faults.join()
+        sent.extend(s for s in spares if s.attempts)  # the spares the faults sent count too
         log("fault schedule finished; waiting for the results", start)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
@@ -485,14 +504,19 @@ def report(
     for s in lost:
         print(f"  lost: study {s.truth.study_uid[-12:]} state {ended.get(s.truth.study_uid)}")
     kinds = {k.what.split(" ")[0] for k in kills}
+    missed = [k for k in kills if k.caught.startswith(MISSED)]
     met = (
-        not lost
+        not missed
+        and not lost
         and not duplicated
         and not twice
         and len(delivered) == len(sent)
         and {"serve", "gpu", "io", "Redis", "Orthanc", "PostgreSQL", "sender"} <= kinds
     )
-    print(f"target (0 lost, 0 duplicates, every fault made): {'PASS' if met else 'FAIL'}")
+    print(
+        "target (0 lost, 0 duplicates, every fault made at its moment): "
+        + ("PASS" if met else "FAIL")
+    )
     return 0 if met else 1
 
 

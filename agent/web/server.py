@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
 import ssl
 import threading
 import time
+from functools import partial
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -49,6 +52,24 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class _BoundedHandshakes(asyncio.SelectorEventLoop):
+    """An event loop whose TLS servers give a client `seconds` to finish its handshake.
+
+    The connection limit and the header timeout (agent.web.protocol) start once the protocol
+    has the connection, which with TLS is after the handshake; asyncio's own bound is 60 s, so
+    a client opening connections and sending nothing held a descriptor each for a minute.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self._handshake_seconds = seconds
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self._handshake_seconds)
+        return await super().create_server(*args, **kwargs)
 
 
 class WebServer:
@@ -108,8 +129,11 @@ class WebServer:
         return list(self._server.server_state.connections)
 
     def _run(self) -> None:
+        # uvicorn's own run() with our loop: the handshake has the header timeout's bound.
+        factory = partial(_BoundedHandshakes, self.limits.header_timeout)
         try:
-            self._server.run(sockets=[self._socket])
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(self._server.serve(sockets=[self._socket]))
         except BaseException:  # the thread's boundary: say why the port went away
             log.exception("web server stopped on an error")
 

@@ -20,6 +20,7 @@ from agent.connections import close_connection
 from agent.settings import Settings
 from agent.web.limits import Descriptors, connection_cap
 from tests.support.agent import AgentProcess, write_config
+from tests.support.pki import make_pki
 from tests.support.ports import free_port
 from tests.support.receiver import minimal_ct
 from tests.support.web import (
@@ -66,6 +67,18 @@ def _closing(socks: list[socket.socket]) -> Iterator[list[socket.socket]]:
 
 def _health(url: str) -> requests.Response:
     return session(None).get(f"{url}/api/health", timeout=WAIT_SECONDS)
+
+
+def test_a_tls_handshake_never_sent_is_closed_after_the_header_timeout(tmp_path: Path) -> None:
+    """Before, asyncio gave a client 60 s to start its TLS handshake, before the connection
+    reached the limits at all: now it has the header timeout. (The test waits 30 s at most.)"""
+    pki = make_pki(tmp_path / "pki")
+    tls = {"certificate": pki.server_cert, "private_key": pki.server_key}
+    web = web_settings(tmp_path, tls=tls, header_timeout_seconds=0.5)
+    with WebAgent(tmp_path, web) as agent:
+        silent = socket.create_connection(("127.0.0.1", agent.server.port), timeout=WAIT_SECONDS)
+        with _closing([silent]):
+            assert _closed_by_server(silent) == b""  # closed, not timed out on our side
 
 
 def test_half_sent_request_is_answered_408_and_closed_after_the_header_timeout(
