@@ -9,6 +9,7 @@ Orthanc) must then hold the study's images plus exactly one SEG and one SR.
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -114,6 +115,37 @@ def test_worker_shut_down_twice_mid_inference_resumes_after_restart(
         model.open()
         with AgentProcess(config, "worker", "--queue", "gpu"):
             _done_once(db, pacs, truth, serve)
+
+
+@pytest.mark.timeout(240)
+def test_serve_with_its_own_workers_interrupted_twice_mid_inference_resumes_after_restart(
+    tmp_path: Path, pacs: Orthanc, model: GatedModel
+) -> None:
+    """The in-memory broker: `serve` runs the tasks itself, and Ctrl-C twice stops it while
+    the model runs. The study must not fail, and the next start must finish it."""
+    truth = write_phantom_series(tmp_path / "ct", slices=12, rows=48, cols=48)
+    storescu(list(truth.files), port=pacs.dicom_port, called_aet=pacs.aet)
+    port = free_port()
+    config = _config(tmp_path / "agent", port, "memory://", pacs, model)
+    with agent_database(config) as db:
+        with AgentProcess(config, "serve") as serve:
+            serve.wait_listening(port)
+            storescu(list(truth.files), port=port, called_aet=AET)
+            _inferring(db, model, truth)
+            assert serve.process is not None
+            serve.process.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            serve.process.send_signal(signal.SIGINT)
+            try:
+                serve.process.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_hard(serve.process)
+                raise AssertionError("serve did not stop on the second Ctrl-C") from None
+        assert "failed" not in _state(db, truth.study_uid), _state(db, truth.study_uid)
+        model.open()
+        with AgentProcess(config, "serve") as again:
+            again.wait_listening(port)
+            _done_once(db, pacs, truth, again)
 
 
 @pytest.mark.timeout(240)
