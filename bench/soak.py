@@ -6,7 +6,8 @@ PACS, and the spool on a filesystem of its own size (a tmpfs, where this user ma
 While the studies arrive and are processed, a schedule of faults runs: each kind of process
 killed (SIGKILL; Redis kill -9; Orthanc stopped and started), PostgreSQL stopped, the spool disk
 filled, a gpu worker sent SIGTERM twice mid-inference, a sender's association aborted mid-study;
-each is undone after a few seconds. A sender whose send fails sends the whole study again, as a
+each is made while a study is at the step it targets (a spare study is sent when none is) and
+undone after a few seconds. A sender whose send fails sends the whole study again, as a
 modality does. At the end (bounded wait) it prints studies sent, done, with results in the PACS,
 duplicates, lost, the longest delay from the last instance sent to the result in the PACS, and
 the faults made. See bench/README.md.
