@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from copy import deepcopy
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,9 +97,7 @@ def test_serve_starts_with_bombs_in_its_spool_without_inflating_them(tmp_path: P
 
 def _copy_in_series(layout: SpoolLayout, ds: Dataset, series_uid: str) -> Path:
     """A copy of `ds` stored under another series, as an older version stored it."""
-    copy = Dataset()
-    copy.update(ds)
-    copy.file_meta = ds.file_meta
+    copy = deepcopy(ds)
     copy.SeriesInstanceUID = series_uid
     path = layout.instance_path(ds.StudyInstanceUID, series_uid, ds.SOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,4 +151,5 @@ def test_the_scan_keeps_a_copy_recorded_before_even_when_it_is_the_newer(
     older = _copy_in_series(layout, ds, generate_uid())
     recorded = _copy_in_series(layout, ds, str(ds.SeriesInstanceUID))
     os.utime(older, (recorded.stat().st_mtime - 10, recorded.stat().st_mtime - 10))
+    assert older.parent != recorded.parent
     assert list(unknown_instances(layout, {str(recorded)})) == []
