@@ -98,6 +98,9 @@ class Manifest:
     # What the study's final state must say about its input (policy.PARTIAL: sealed while
     # instances may be missing); empty when the input is the whole study as sent.
     note: str = ""
+    # The content digest of each input instance, (SOP Instance UID, digest), where known: it
+    # enters the output UIDs, so that other content under an input's UID gives other objects.
+    contents: tuple[tuple[str, str], ...] = ()
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -111,6 +114,7 @@ class Manifest:
                 "revision": self.revision,
                 "priority": self.priority.value,
                 "note": self.note,
+                "contents": dict(self.contents),
                 "inputs": [
                     {
                         "model": i.model,
@@ -133,6 +137,8 @@ class Manifest:
             # Manifests written before priorities existed are normal.
             priority=Priority(raw.get("priority", Priority.NORMAL)),
             note=str(raw.get("note", "")),
+            # Manifests written before digests were kept have none.
+            contents=tuple((str(k), str(v)) for k, v in raw.get("contents", {}).items()),
             inputs=tuple(
                 ModelInput(
                     model=i["model"],

@@ -137,7 +137,7 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
         position = {path: i for i, path in enumerate(paths)}
         frames = [(position[f.path], f.index) for f in item.frames]
         result = load_result(results_dir(ctx, manifest.job_id) / item.model)
-        uids = output_uids(manifest.study_uid, sop_uids, result.model)
+        uids = output_uids(manifest.study_uid, sop_uids, result.model, dict(manifest.contents))
         seg_path = outbox / f"{uids.seg_instance}.dcm"
         sr_path = outbox / f"{uids.sr_instance}.dcm"
         if not (seg_path.is_file() and sr_path.is_file()):

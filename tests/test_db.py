@@ -189,3 +189,69 @@ def test_model_switch_overrides_replace_and_reset(db: Database) -> None:
     with db.session() as s, s.begin():  # a state some later version wrote
         s.execute(insert(ModelSwitch).values(name="b", state="draining", changed_at=T0))
     assert switches.effective(models) == {"a": "off", "b": "paused"}
+
+
+def test_an_instance_is_never_moved_to_another_series(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second copy of an instance in another series (stored by an older version) must not
+    switch the recorded one, which would switch the study's input on each start."""
+    import logging
+    from dataclasses import replace
+
+    from agent.db.schema import Instance
+
+    recorded = _arrival("1.1")
+    db.record_arrivals([recorded])
+    db.transition(STUDY, State.COMPLETE)
+    db.transition(STUDY, State.SKIPPED, "no model")
+    stray = replace(recorded, series_uid=STUDY + ".2", path=Path("/s/other/1.1"))
+    with caplog.at_level(logging.WARNING):
+        assert db.record_arrivals([stray]) == []
+    with db.session() as s:
+        (row,) = s.query(Instance).all()
+        assert (row.series_uid, row.path) == (recorded.series_uid, str(recorded.path))
+    study = db.get(STUDY)
+    assert study is not None and study.state == State.SKIPPED and study.instance_count == 1
+    assert "arrived in another series than recorded" in caplog.text
+    assert "1.1" not in caplog.text.replace(study_key(STUDY), "")
+
+
+def test_a_re_send_with_other_content_updates_the_digest_and_reopens(db: Database) -> None:
+    from dataclasses import replace
+
+    db.record_arrivals([replace(_arrival("1.1"), digest="a" * 64)])
+    study = db.get(STUDY)
+    assert study is not None
+    assert db.instance_digests(study.id) == {Path("/s/1.1"): "a" * 64}
+    db.transition(STUDY, State.COMPLETE)
+    db.transition(STUDY, State.SKIPPED, "no model")
+    db.record_arrivals([replace(_arrival("1.1", T0 + timedelta(minutes=1)), digest="b" * 64)])
+    study = db.get(STUDY)
+    assert study is not None and study.state == State.RECEIVING and study.instance_count == 1
+    assert db.instance_digests(study.id) == {Path("/s/1.1"): "b" * 64}
+
+
+def test_instances_of_an_older_version_gain_an_empty_digest(database_url: str) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        for table in ("transition", "instance", "study"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    engine.dispose()
+    db = Database(database_url)
+    db.create_schema()
+    db.record_arrivals([_arrival("1.1")])
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE instance DROP COLUMN digest"))
+    db.dispose()
+    db = Database(database_url)
+    try:
+        db.create_schema()
+        assert "digest" in {c["name"] for c in inspect(db.engine).get_columns("instance")}
+        study = db.get(STUDY)
+        assert study is not None
+        assert db.instance_digests(study.id) == {Path("/s/1.1"): ""}
+    finally:
+        db.dispose()

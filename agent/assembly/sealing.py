@@ -104,7 +104,8 @@ class Sealer:
             for choice in choices:
                 if choice.input is None:
                     log.info("model not run: %s", choice.reason)
-            digest = input_digest(inputs, headers)
+            contents = self._db.instance_digests(study.id)
+            digest = input_digest(inputs, headers, contents)
             # A pull is a request to process: it runs again even with the same input (the
             # same output UIDs, so the PACS keeps one copy of each object).
             if digest == study.done_digest and not why.startswith(PULLED_FROM):
@@ -123,7 +124,15 @@ class Sealer:
             job_id = f"{study.study_key}-{uuid.uuid4().hex[:12]}"
             sender = study_sender(self._db, study) if self._urgent_senders else ""
             priority, urgent = study_priority(inputs, self._models, sender, self._urgent_senders)
-            manifest = Manifest(job_id, study.study_uid, inputs, revision, priority, note)
+            manifest = Manifest(
+                job_id,
+                study.study_uid,
+                inputs,
+                revision,
+                priority,
+                note,
+                input_contents(inputs, headers, contents),
+            )
             manifest_path = self._layout.manifest_path(job_id)
             write_atomic(manifest_path, [manifest.to_json().encode()], self._layout.tmp)
             summary = ", ".join(f"{i.model}: {len(i.frames)} slices" for i in inputs)
@@ -149,17 +158,44 @@ class Sealer:
             return QueuedJob(job_id, manifest.models, waits_for)
 
 
-def input_digest(inputs: Sequence[ModelInput], headers: Mapping[Path, Dataset]) -> str:
-    """What the results derive from: each model and the SOP Instances (and frames) it reads.
+def input_digest(
+    inputs: Sequence[ModelInput],
+    headers: Mapping[Path, Dataset],
+    contents: Mapping[Path, str] | None = None,
+) -> str:
+    """What the results derive from: each model and the SOP Instances (and frames) it reads,
+    with each instance's content digest where known (`contents`, by path).
 
     Equal digests mean equal output UIDs (agent.dicom.uids), so an equal input is never given
-    a new revision number: one SOP Instance UID must not name two different objects.
+    a new revision number: one SOP Instance UID must not name two different objects. A slice
+    re-sent with other content under its UID changes the digest, so it is processed again.
+    An instance whose content digest is not known (recorded by an older version) adds what
+    it added before, so that such a study's digest is unchanged.
     """
+    known = contents or {}
     digest = hashlib.sha256()
     for item in sorted(inputs, key=lambda i: i.model):
-        refs = sorted(f"{headers[f.path].SOPInstanceUID}:{f.index}" for f in item.frames)
+        refs = sorted(_ref(headers[f.path], f.index, known.get(f.path, "")) for f in item.frames)
         digest.update(json.dumps([item.model, refs]).encode())
     return digest.hexdigest()
+
+
+def _ref(ds: Dataset, index: int, content: str) -> str:
+    ref = f"{ds.SOPInstanceUID}:{index}"
+    return f"{ref}:{content}" if content else ref
+
+
+def input_contents(
+    inputs: Sequence[ModelInput], headers: Mapping[Path, Dataset], contents: Mapping[Path, str]
+) -> tuple[tuple[str, str], ...]:
+    """(SOP Instance UID, content digest) of every input instance whose digest is known."""
+    found = {
+        str(headers[path].SOPInstanceUID): contents[path]
+        for item in inputs
+        for path in item.files
+        if contents.get(path)
+    }
+    return tuple(sorted(found.items()))
 
 
 def _readable_headers(paths: list[Path], max_bytes: int) -> dict[Path, Dataset]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,8 @@ from agent.db.states import InvalidTransition, State, Superseded, allowed
 from agent.db.values import ArrivedInstance, CleanSend, Interruption, StudyStatus
 from agent.errors import PermanentError
 from agent.logs import study_key
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -77,6 +80,8 @@ class Database:
                         )
                     )
                 }
+                if not self._without_series_conflicts(study, batch, existing):
+                    continue
                 fresh = [a for sop, a in batch.items() if sop not in existing]
                 if fresh:
                     # A Core executemany, not ORM objects: several times cheaper per row, and
@@ -91,6 +96,7 @@ class Database:
                                 "sop_class_uid": a.sop_class_uid,
                                 "path": str(a.path),
                                 "received_at": a.received_at,
+                                "digest": a.digest,
                             }
                             for a in fresh
                         ],
@@ -98,6 +104,9 @@ class Database:
                 for sop, row in existing.items():
                     row.path = str(batch[sop].path)
                     row.received_at = batch[sop].received_at
+                    # Other content under the same UID: the study's input digest changes with
+                    # it, so the study reopened below is processed again, not "unchanged".
+                    row.digest = batch[sop].digest
                 study.instance_count += len(fresh)
                 latest = max(a.received_at for a in batch.values())
                 study.last_arrival = max(as_utc(study.last_arrival), latest)
@@ -110,6 +119,30 @@ class Database:
             for item in news:
                 self._note_sender(s, item)
         return keys
+
+    @staticmethod
+    def _without_series_conflicts(
+        study: Study, batch: dict[str, ArrivedInstance], existing: dict[str, Instance]
+    ) -> bool:
+        """Drop from `batch` (and `existing`) the arrivals of an instance recorded in another
+        series; whether any arrival is left.
+
+        One SOP Instance UID names one object (PS3.5 9): the receivers refuse it in a second
+        series (0x0111), and a stray copy an older version stored is never taken for the
+        recorded one, which would switch the study's input from one series to the other.
+        """
+        moved = [sop for sop, row in existing.items() if row.series_uid != batch[sop].series_uid]
+        if moved:
+            log.warning(
+                "study %s: %d instance(s) arrived in another series than recorded; "
+                "the recorded ones are kept",
+                study.study_key,
+                len(moved),
+            )
+        for sop in moved:
+            del batch[sop]
+            del existing[sop]
+        return bool(batch)
 
     @staticmethod
     def _note_sender(s: Session, item: Interruption | CleanSend) -> None:
@@ -146,6 +179,14 @@ class Database:
         s.flush()
         s.add(Transition(study_id=study.id, state=State.RECEIVING, at=first))
         return study
+
+    def instance_digests(self, study_id: int) -> dict[Path, str]:
+        """The content digest of each of a study's instances, by path ("" where not known)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Instance.path, Instance.digest).where(Instance.study_id == study_id)
+            ).all()
+            return {Path(p): str(d) for p, d in rows}
 
     def known_paths(self) -> set[str]:
         with self.session() as s:

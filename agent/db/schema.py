@@ -85,6 +85,8 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # SHA-256 of the dataset after its file meta group; empty for a row of an older version.
+    digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class Transition(Base):

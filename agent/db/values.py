@@ -30,6 +30,9 @@ class ArrivedInstance:
     sop_class_uid: str
     path: Path
     received_at: datetime
+    # SHA-256 of the dataset after its file meta group (agent.spool.digest): a re-send with
+    # other content under the same SOP Instance UID is a different input. Empty: not known.
+    digest: str = ""
 
 
 @dataclass(frozen=True)

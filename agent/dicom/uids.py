@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.domain import ModelIdentity
@@ -65,7 +65,12 @@ class OutputUids:
     sr_instance: str
 
 
-def output_uids(study_uid: str, input_sop_uids: Sequence[str], model: ModelIdentity) -> OutputUids:
+def output_uids(
+    study_uid: str,
+    input_sop_uids: Sequence[str],
+    model: ModelIdentity,
+    contents: Mapping[str, str] | None = None,
+) -> OutputUids:
     """Derive the output UIDs from the study, the set of input instances and the model.
 
     Series Instance UIDs derive from (study, model name, kind) only: every run of one model
@@ -76,16 +81,26 @@ def output_uids(study_uid: str, input_sop_uids: Sequence[str], model: ModelIdent
     sees the same instances again rather than duplicates); a new input instance or a new
     model version gives new UIDs, because then the content differs and one SOP Instance UID
     must not name two different objects (PS3.5 9).
+
+    `contents` gives the content digest of input instances by SOP Instance UID: an input
+    re-sent with other content under its UID gives new SOP Instance UIDs too. An input whose
+    digest is not known (absent or empty) adds nothing, so results made before digests were
+    kept keep their UIDs.
     """
     if not input_sop_uids:
         raise ValueError("output_uids needs at least one input SOP Instance UID")
     inputs = sorted(set(input_sop_uids))
+    known = contents or {}
+    # A UID has no ":", so these parts cannot be mistaken for an input's UID.
+    digests = [f"{sop}:{known[sop]}" for sop in inputs if known.get(sop)]
 
     def series(kind: str) -> str:
         return derive_uid(study_uid, model.name, f"{kind}-series")
 
     def instance(kind: str) -> str:
-        return derive_uid(study_uid, *inputs, model.name, model.version, f"{kind}-instance")
+        return derive_uid(
+            study_uid, *inputs, *digests, model.name, model.version, f"{kind}-instance"
+        )
 
     return OutputUids(
         seg_series=series("seg"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from agent.pull.checks import Refused, checked
 from agent.pull.source import SourceRefused, StudyNotFound, StudySource
 from agent.receive.filemeta import encode_file_meta, read_file_meta
 from agent.receive.identify import Unreadable
+from agent.spool.arrival import Refusal, admit
+from agent.spool.digest import bytes_digest
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import write_atomic
@@ -148,16 +149,21 @@ class Puller:
         if ids.study_uid != study_uid:
             log.warning("refused a pulled instance: it belongs to another study")
             return None
-        path = self._layout.instance_path(ids.study_uid, ids.series_uid, ids.sop_uid)
-        existed = path.exists()
         # No calling AE title: a pulled study is never checked by count (it is whole already).
         header = encode_file_meta(ids.sop_class_uid, ids.sop_uid, str(syntax), "")
-        try:
+
+        def place(path: Path) -> None:
+            existed = path.exists()
             write_atomic(path, (header, raw), self._layout.tmp)
-        except OSError as exc:
-            raise SpoolUnavailable(f"spool write failed: {exc.strerror}") from None
-        if not existed:
-            added.append(path)
-        return ArrivedInstance(
-            ids.study_uid, ids.series_uid, ids.sop_uid, ids.sop_class_uid, path, datetime.now(UTC)
-        )
+            if not existed:
+                added.append(path)
+
+        # Admitted as the receivers admit: never a second copy of an instance in another
+        # series of its study, and with the digest of its content.
+        arrivals: list[ArrivedInstance] = []
+        failure = admit(self._layout, ids, place, arrivals.append, digest=bytes_digest(raw))
+        if failure is None:
+            return arrivals[0]
+        if failure.refusal is Refusal.OUT_OF_RESOURCES:
+            raise SpoolUnavailable(failure.reason)
+        return None  # admit has logged why

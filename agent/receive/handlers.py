@@ -27,7 +27,7 @@ from agent.receive.identify import Unreadable, identify_file, missing_uids
 from agent.receive.reads import bound_reads
 from agent.receive.streamed import StreamedDataset
 from agent.settings import AllowedCaller, IpNetwork
-from agent.spool.arrival import admit
+from agent.spool.arrival import NotAdmitted, Refusal, admit
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import move_atomic
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # PS3.4 Table B.2-1 (Storage Service Class C-STORE statuses).
 SUCCESS = 0x0000
+# PS3.7 C.4.2 (general failure statuses): an instance with this SOP Instance UID is stored
+# already, here in another series of the same study; sent again, it is refused again.
+DUPLICATE_SOP_INSTANCE = 0x0111
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -144,9 +147,11 @@ class StoreHandler:
             )
         # Synced before the rename, the rename and its folder synced before the answer: an
         # acknowledged instance is on disk (the one write of its bytes was the stream's).
-        failure = admit(self._layout, ids, partial(_synced_move, stream), self._sink)
+        failure = admit(
+            self._layout, ids, partial(_synced_move, stream), self._sink, digest=stream.digest
+        )
         if failure is not None:
-            return _status(OUT_OF_RESOURCES, failure), study_uid
+            return _status(refusal_status(failure), failure.reason), study_uid
         return SUCCESS, study_uid
 
     def _refusal(self, size: int) -> Dataset | None:
@@ -188,6 +193,13 @@ class StoreHandler:
             log.warning("rejected an instance: %s", exc)
             return _status(CANNOT_UNDERSTAND, str(exc))
         return None
+
+
+def refusal_status(failure: NotAdmitted) -> int:
+    """The C-STORE status (and STOW-RS failure reason) of an instance `admit` refused."""
+    if failure.refusal is Refusal.DUPLICATE:
+        return DUPLICATE_SOP_INSTANCE
+    return OUT_OF_RESOURCES
 
 
 def _synced_move(stream: StreamedDataset, target: Path) -> None:

@@ -34,6 +34,7 @@ from agent.receive.handlers import (
     OUT_OF_RESOURCES,
     SUCCESS,
     ArrivalSink,
+    refusal_status,
 )
 from agent.receive.identify import Identifiers, Unreadable, identify_file, missing_uids
 from agent.spool.arrival import admit
@@ -257,7 +258,7 @@ class StowService:
         place = partial(move_atomic, result.spooled)
         failure = admit(self._layout, result, place, self._sink)
         if failure is not None:
-            return _with(result, OUT_OF_RESOURCES, failure)
+            return _with(result, refusal_status(failure), failure.reason)
         return replace(result, spooled=None)
 
     @staticmethod

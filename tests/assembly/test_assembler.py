@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,10 +18,12 @@ from agent.assembly.assembler import WAITING_FOR_BROKER, Assembler
 from agent.db.database import Database
 from agent.db.states import State
 from agent.db.values import ArrivedInstance
-from agent.domain import Manifest
+from agent.dicom.uids import output_uids
+from agent.domain import Manifest, ModelIdentity
 from agent.errors import RetryableError
 from agent.logs import instance_key
 from agent.settings import ModelSettings
+from agent.spool.digest import dataset_digest
 from agent.spool.layout import SpoolLayout
 from tests.support.data import dicom_files, shared_data
 from tests.support.encodings import with_unknown_codec
@@ -422,3 +424,62 @@ def test_a_localizer_inside_the_series_does_not_skip_the_study(rig: Rig, tmp_pat
         series.study_uid, series.series_uid, series.sop_uids[-1]
     )
     assert spooled_scout not in item.files
+
+
+def _digested(layout: SpoolLayout, files: list[Path], minutes: int) -> list[ArrivedInstance]:
+    """As `_spool`, with the content digest each door computes."""
+    return [
+        replace(a, digest=dataset_digest(a.path))
+        for a in _spool(layout, files, T0 + timedelta(minutes=minutes))
+    ]
+
+
+def _resend(rig: Rig, files: list[Path], minutes: int) -> None:
+    rig.db.record_arrivals(_digested(rig.layout, files, minutes))
+    rig.clock.at = T0 + timedelta(minutes=minutes + 1)
+    rig.assembler.seal_quiet_studies()
+
+
+def test_a_slice_re_sent_with_other_content_gives_a_new_revision(rig: Rig, tmp_path: Path) -> None:
+    """Before, a slice re-sent under its UID with other pixels was "input unchanged": the
+    results of the old pixels stood, and the new content was never processed."""
+    truth = write_phantom_series(tmp_path / "ct", slices=8, rows=32, cols=32)
+    _resend(rig, list(truth.files), 0)
+    _finish(rig, truth.study_uid)
+
+    # Byte for byte the same: nothing new.
+    _resend(rig, [truth.files[3]], 10)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.DONE
+    assert study.reason == "input unchanged; results of revision 1 stand"
+
+    # The same UIDs, other pixels: processed again, and its results are other objects.
+    ds = pydicom.dcmread(truth.files[3])
+    pixels = bytearray(ds.PixelData)
+    pixels[:64] = bytes(64)
+    ds.PixelData = bytes(pixels)
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+    _resend(rig, [changed], 20)
+    study = rig.db.get(truth.study_uid)
+    assert study is not None and study.state == State.QUEUED and study.revision == 2
+    first, second = (Manifest.from_json(path.read_text()) for _, path in rig.recorder.jobs)
+    sop = str(ds.SOPInstanceUID)
+    assert dict(first.contents)[sop] != dict(second.contents)[sop]
+    assert len(second.contents) == 8
+    identity = ModelIdentity("ct-tissue", "1", "m", "1.2.3")
+    sops = [s for s, _ in second.contents]
+    before = output_uids(truth.study_uid, sops, identity, dict(first.contents))
+    after = output_uids(truth.study_uid, sops, identity, dict(second.contents))
+    assert before.seg_instance != after.seg_instance
+    assert before.seg_series == after.seg_series
+
+
+def test_the_manifest_keeps_the_contents_and_older_ones_have_none() -> None:
+    import json
+
+    manifest = Manifest("job", "1.2.3", (), contents=(("1.2.3.4", "a" * 64),))
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    older = json.loads(manifest.to_json())
+    del older["contents"]  # written before digests were kept
+    assert Manifest.from_json(json.dumps(older)).contents == ()

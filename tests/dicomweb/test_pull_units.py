@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from agent.assembly.assembler import Assembler
@@ -25,6 +26,7 @@ from agent.pull.source import SourceUnavailable, StudyNotFound
 from agent.pull.verify import CountsBySender
 from agent.receive.filemeta import encode_file_meta, read_file_meta
 from agent.settings import ModelSettings, SelectRules, SourcePoll, load_settings
+from agent.spool.digest import dataset_digest
 from agent.spool.layout import SpoolLayout
 from agent.spool.writer import write_atomic
 from tests.dicomweb.fakes import FakeSource
@@ -345,3 +347,27 @@ def test_other_senders_and_unreachable_sources_wait_for_the_quiet_period(
     assembler.seal_quiet_studies()
     assert len(sent) == 1
     assert _complete_reason(db, verified) == "quiet period; 4 instances"
+
+
+def test_a_pulled_instance_in_another_series_of_its_study_is_refused(
+    db: Database, layout: SpoolLayout, series: list[Path], tmp_path: Path
+) -> None:
+    """A pull admits as the receivers do: a second copy of an instance in another series is
+    refused (and counted), never stored beside the first; every instance has its digest."""
+    source = FakeSource()
+    uid = source.add(series)
+    puller = Puller(db, layout, max_instance_bytes=10**9)
+    puller.pull(source, uid)
+    ds = pydicom.dcmread(series[0])
+    ds.SeriesInstanceUID = generate_uid()
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved)
+    source.studies[uid] = [*series, moved]
+    result = puller.pull(source, uid)
+    assert (result.stored, result.refused) == (4, 1)
+    assert len(list(layout.studies.glob("*/*/*.dcm"))) == 4
+    study = db.get(uid)
+    assert study is not None
+    digests = db.instance_digests(study.id)
+    assert len(digests) == 4
+    assert all(digests[path] == dataset_digest(path) for path in digests)

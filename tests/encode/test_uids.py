@@ -104,3 +104,21 @@ def test_instance_uids_are_unchanged_by_the_series_rule() -> None:
 def test_output_uids_need_inputs() -> None:
     with pytest.raises(ValueError):
         output_uids(STUDY, [], model())
+
+
+def test_other_content_under_the_same_input_uids_gives_new_instances() -> None:
+    """One SOP Instance UID must not name two objects (PS3.5 9): results of a slice re-sent
+    with other pixels under its UID are other objects, in the same series."""
+    before = {sop: "a" * 64 for sop in INPUTS}
+    after = {**before, INPUTS[1]: "b" * 64}
+    first = output_uids(STUDY, INPUTS, model(), before)
+    second = output_uids(STUDY, INPUTS, model(), after)
+    assert not set(_instances(first)) & set(_all(second))
+    assert _series(first) == _series(second)
+    assert output_uids(STUDY, INPUTS[::-1], model(), dict(before)) == first
+
+
+def test_unknown_contents_keep_the_uids_of_results_made_before_digests() -> None:
+    plain = output_uids(STUDY, INPUTS, model())
+    assert output_uids(STUDY, INPUTS, model(), {}) == plain
+    assert output_uids(STUDY, INPUTS, model(), {sop: "" for sop in INPUTS}) == plain

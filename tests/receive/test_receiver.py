@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from agent.db.values import CleanSend, Interruption
 from agent.settings import AllowedCaller
+from agent.spool.digest import dataset_digest
 from tests.support.data import dicom_files, shared_data
 from tests.support.dcmtk import storescu
 from tests.support.foreign import FOREIGN_WRITERS, PRIVATE_SOP_CLASS
@@ -360,3 +361,34 @@ def test_instances_refused_for_resources_interrupt_the_study_and_others_do_not(
     _, cut = _news_for(receiver, 2)
     assert isinstance(cut, Interruption)
     assert cut.what == "1 instances refused for resources"
+
+
+def test_an_instance_in_another_series_of_its_study_is_a_named_duplicate(
+    receiver: Receiver,
+) -> None:
+    """One SOP Instance UID names one object (PS3.5 9): the same UID in a second series of
+    the study is refused as 0x0111 (PS3.7 C.4.2), not stored beside the first; the same UID
+    in the same series is a re-send, stored again, with the digest of its new content."""
+    first = minimal_ct()
+    moved = minimal_ct()
+    moved.StudyInstanceUID = first.StudyInstanceUID
+    moved.SOPInstanceUID = first.SOPInstanceUID
+    changed = minimal_ct()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(changed, keyword, getattr(first, keyword))
+    changed.ImageComments = "changed content"
+    assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.send_c_store(first).Status == 0x0000
+    rsp = assoc.send_c_store(moved)
+    assert assoc.send_c_store(changed).Status == 0x0000
+    assoc.release()
+    assert rsp.Status == 0x0111
+    assert str(rsp.ErrorComment) == "SOP Instance already stored in another series of this study"
+    assert [p.parent for p in receiver.spooled()] == [receiver.arrivals[0].path.parent]
+    assert [a.series_uid for a in receiver.arrivals] == [first.SeriesInstanceUID] * 2
+    original, resent = (a.digest for a in receiver.arrivals)
+    assert len(original) == 64 and resent != original
+    assert resent == dataset_digest(receiver.spooled()[0])
+    # A refused duplicate is not one the sender will send again: the study is not waiting.
+    (news,) = _news_for(receiver, 1)
+    assert isinstance(news, CleanSend)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from copy import deepcopy
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from agent.assembly.assembler import Assembler
 from agent.db.database import Database
@@ -15,6 +18,7 @@ from agent.db.states import State
 from agent.db.values import ArrivedInstance
 from agent.logs import instance_key
 from agent.settings import ModelSettings
+from agent.spool.digest import dataset_digest
 from agent.spool.layout import SpoolLayout
 from agent.spool.scanner import unknown_instances
 from tests.assembly.test_assembler import T0, FakeClock, Recorder
@@ -121,3 +125,63 @@ def test_the_assembler_reads_the_spool_within_the_receivers_limit(tmp_path: Path
     assembler.seal_quiet_studies()
     study = db.get(str(recorded.StudyInstanceUID))
     assert study is not None and study.state == State.SKIPPED, study and study.reason
+
+
+def _copy_in_series(layout: SpoolLayout, ds: Dataset, series_uid: str) -> Path:
+    """A copy of `ds` stored under another series, as an older version stored it."""
+    copy = deepcopy(ds)
+    copy.SeriesInstanceUID = series_uid
+    path = layout.instance_path(ds.StudyInstanceUID, series_uid, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copy.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _start(layout: SpoolLayout, db: Database) -> list[str]:
+    """What a start of `serve` does with the spool: record what the database does not know."""
+    return db.record_arrivals(list(unknown_instances(layout, db.known_paths())))
+
+
+def test_restarts_keep_the_recorded_copy_of_an_instance_stored_in_two_series(
+    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, each start took the copy the database did not know, switching the study's
+    input between the two series and reopening it, so each restart exported a new revision."""
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    ds = minimal_ct()
+    first = _copy_in_series(layout, ds, str(ds.SeriesInstanceUID))
+    second = _copy_in_series(layout, ds, generate_uid())
+    os.utime(second, (first.stat().st_mtime + 10, first.stat().st_mtime + 10))
+    db = Database(database_url)
+    db.create_schema()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert len(_start(layout, db)) == 1
+        study_uid = str(ds.StudyInstanceUID)
+        db.transition(study_uid, State.COMPLETE)
+        db.transition(study_uid, State.SKIPPED, "no model")
+        for _restart in range(2):
+            assert _start(layout, db) == []
+        study = db.get(study_uid)
+        assert study is not None and study.state == State.SKIPPED
+        assert db.instance_paths(study.id) == [first]
+        assert db.instance_digests(study.id)[first] == dataset_digest(first)
+        assert second.exists()  # left in place, reported
+        assert "SOP Instance already stored in another series of this study" in caplog.text
+        assert str(ds.SOPInstanceUID) not in caplog.text
+    finally:
+        db.dispose()
+
+
+def test_the_scan_keeps_a_copy_recorded_before_even_when_it_is_the_newer(
+    tmp_path: Path,
+) -> None:
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    ds = minimal_ct()
+    older = _copy_in_series(layout, ds, generate_uid())
+    recorded = _copy_in_series(layout, ds, str(ds.SeriesInstanceUID))
+    os.utime(older, (recorded.stat().st_mtime - 10, recorded.stat().st_mtime - 10))
+    assert older.parent != recorded.parent
+    assert list(unknown_instances(layout, {str(recorded)})) == []

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from agent.audit import close_audit, configure_audit
-from agent.receive.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from agent.receive.handlers import CANNOT_UNDERSTAND, DUPLICATE_SOP_INSTANCE, OUT_OF_RESOURCES
 from agent.settings import LoggingSettings, Settings, SpoolSettings, WebUser
 from agent.spool.watermark import DiskSpace, Watermark
 from agent.web.stow import SOP_CLASS_NOT_SUPPORTED
@@ -371,3 +371,34 @@ def test_a_deflate_bomb_is_refused_as_over_the_limit(tmp_path: Path) -> None:
         assert _sops(response, FAILED_SOP_SEQUENCE) == [(bomb.SOPInstanceUID, OUT_OF_RESOURCES)]
         assert [a.sop_uid for a in agent.arrivals] == [good.SOPInstanceUID]
         assert agent.leftovers() == []
+
+
+def test_an_instance_in_another_series_of_its_study_is_refused_as_a_duplicate(
+    agent: WebAgent,
+) -> None:
+    """The same SOP Instance UID in a second series of the study: Failure Reason 0x0111
+    (PS3.18 I.2.2 takes the C-STORE statuses), nothing stored beside the first copy; in the
+    same series it is a re-send, stored."""
+    (first,) = _study(1)
+    moved = minimal_ct()
+    moved.StudyInstanceUID, moved.SOPInstanceUID = first.StudyInstanceUID, first.SOPInstanceUID
+    again = minimal_ct()
+    again.StudyInstanceUID, again.SeriesInstanceUID = (
+        first.StudyInstanceUID,
+        first.SeriesInstanceUID,
+    )
+    again.SOPInstanceUID = first.SOPInstanceUID
+    for ds in (first, moved, again):
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    boundary = new_boundary()
+    assert _post(agent.url, multipart([part10(first)], boundary), boundary=boundary).ok
+    boundary = new_boundary()
+    body = multipart([part10(moved), part10(again)], boundary)
+    response = _post(agent.url, body, boundary=boundary)
+
+    assert response.status_code == 202, response.text
+    assert _sops(response, FAILED_SOP_SEQUENCE) == [(first.SOPInstanceUID, DUPLICATE_SOP_INSTANCE)]
+    assert _sops(response, REFERENCED_SOP_SEQUENCE) == [(first.SOPInstanceUID, None)]
+    assert [a.series_uid for a in agent.arrivals] == [first.SeriesInstanceUID] * 2
+    assert len(agent.spooled()) == 1
+    assert agent.leftovers() == []
