@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -12,7 +12,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from agent.db.database import Database
-from agent.db.values import ArrivedInstance
+from agent.db.values import ArrivedInstance, SenderNews
 from agent.settings import SecretRef, Settings, SpoolSettings, WebSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
@@ -44,7 +44,9 @@ def web_settings(folder: Path, **fields: Any) -> WebSettings:
 class WebAgent:
     """A started web port spooling under `root`, with what it spooled and announced.
 
-    As a context manager it stops the server on exit.
+    What it announces goes to `sink` where one is given (an assembler), else it is kept:
+    instances in `arrivals`, how each request went for each study in `news`. As a context
+    manager it stops the server on exit.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class WebAgent:
         root: Path,
         web: WebSettings,
         watermark: Watermark | None = None,
+        sink: Callable[[SenderNews], None] | None = None,
         **settings: Any,
     ) -> None:
         self.settings = Settings(spool=SpoolSettings(path=root / "spool"), web=web, **settings)
@@ -60,9 +63,14 @@ class WebAgent:
         self.db = Database(f"sqlite:///{root / 'agent.db'}")
         self.db.create_schema()
         self.arrivals: list[ArrivedInstance] = []
-        services = WebServices(self.settings, self.layout, self.db, self.arrivals.append, watermark)
+        # Interruption or CleanSend, per study of each request.
+        self.news: list[SenderNews] = []
+        services = WebServices(self.settings, self.layout, self.db, sink or self._keep, watermark)
         self.server: WebServer = start_web(services)
         self.url = self.server.url
+
+    def _keep(self, news: SenderNews) -> None:
+        (self.arrivals if isinstance(news, ArrivedInstance) else self.news).append(news)
 
     def spooled(self) -> list[Path]:
         return sorted(self.layout.studies.glob("*/*/*.dcm"))
