@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from agent.web.server import WebServer, start_web
 
 TOKEN = "s3cret-token-for-tests"
 CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary={boundary}'
+CUT_OFF_WAIT_SECONDS = 30.0  # how long `send_cut_off` waits for the server to read; not asserted
 
 
 def secret_file(folder: Path, name: str, value: str) -> SecretRef:
@@ -120,3 +123,34 @@ def multipart_chunks(parts: Iterable[Iterable[bytes]], boundary: str) -> Iterato
 
 def new_boundary() -> str:
     return uuid.uuid4().hex
+
+
+def post_head(boundary: str, length: int, path: str = "/dicom-web/studies") -> bytes:
+    """The head of a STOW-RS request with the test token, for a body of `length` bytes."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: {CONTENT_TYPE.format(boundary=boundary)}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def send_cut_off(port: int, tmp: Path, parts: list[bytes], complete: int) -> None:
+    """Send a STOW-RS request whose body holds `parts`, and leave once `complete` of them have
+    reached the server whole and the next has begun: a client gone mid-body. `tmp` is the
+    spool's tmp folder, where the server writes each part as it comes."""
+    boundary = new_boundary()
+    body = multipart(parts, boundary)
+    delimiter = f"\r\n--{boundary}".encode()
+    at = 0
+    for _ in range(complete):  # the body opens with a delimiter without its CRLF
+        at = body.index(delimiter, at + 1)
+    end = at + len(delimiter) + 200  # into the next part's bytes
+    with socket.create_connection(("127.0.0.1", port), CUT_OFF_WAIT_SECONDS) as sock:
+        sock.sendall(post_head(boundary, len(body)) + body[:end])
+        # The server has read the parts when the next one's temp file is there; only then
+        # leave, or the server may see the client gone before it reads what was sent.
+        deadline = time.monotonic() + CUT_OFF_WAIT_SECONDS
+        while len(list(tmp.iterdir())) <= complete:
+            assert time.monotonic() < deadline, "the server did not read the parts sent"
+            time.sleep(0.02)

@@ -28,11 +28,12 @@ from tests.support.phantom import write_phantom_series
 from tests.support.receiver import minimal_ct
 from tests.support.web import (
     CONTENT_TYPE,
-    TOKEN,
     WebAgent,
     multipart,
     new_boundary,
     part10,
+    post_head,
+    send_cut_off,
     session,
     web_settings,
 )
@@ -61,37 +62,11 @@ def _post(url: str, parts: list[bytes], path: str = "/dicom-web/studies") -> req
     )
 
 
-def _head(boundary: str, length: int, path: str = "/dicom-web/studies") -> bytes:
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {TOKEN}\r\n"
-        f"Content-Type: {CONTENT_TYPE.format(boundary=boundary)}\r\n"
-        f"Content-Length: {length}\r\n\r\n"
-    ).encode()
-
-
 def _until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
     while not condition():
         assert time.monotonic() < deadline, f"no {what}"
         time.sleep(0.02)
-
-
-def _send_cut_off(agent: WebAgent, parts: list[bytes], complete: int) -> None:
-    """Send a request whose body holds `parts`, and leave once `complete` of them have
-    reached the server whole and the next has begun: a client gone mid-body."""
-    boundary = new_boundary()
-    body = multipart(parts, boundary)
-    delimiter = f"\r\n--{boundary}".encode()
-    at = 0
-    for _ in range(complete):  # the body opens with a delimiter without its CRLF
-        at = body.index(delimiter, at + 1)
-    end = at + len(delimiter) + 200  # into the next part's bytes
-    with socket.create_connection(("127.0.0.1", agent.server.port), WAIT_SECONDS) as sock:
-        sock.sendall(_head(boundary, len(body)) + body[:end])
-        # The server has read the parts when the next one's temp file is there; only then
-        # leave, or the server may see the client gone before it reads what was sent.
-        _until(lambda: len(agent.leftovers()) > complete, "part in the spool's tmp folder")
 
 
 def _news(agent: WebAgent, count: int = 1) -> list[SenderNews]:
@@ -118,7 +93,7 @@ def test_a_request_answered_in_full_is_a_clean_send_of_its_study(agent: WebAgent
 
 def test_a_client_gone_mid_body_interrupts_the_study(agent: WebAgent) -> None:
     datasets = _study(4)
-    _send_cut_off(agent, [part10(ds) for ds in datasets], complete=2)
+    send_cut_off(agent.server.port, agent.layout.tmp, [part10(ds) for ds in datasets], complete=2)
     (cut,) = _news(agent)
     assert isinstance(cut, Interruption)
     assert cut.study_uid == datasets[0].StudyInstanceUID
@@ -134,7 +109,7 @@ def test_a_body_stalled_past_the_body_timeout_interrupts_the_study(tmp_path: Pat
     end = body.rindex(f"\r\n--{boundary}\r\n".encode()) + 100  # two parts, and the third begun
     with WebAgent(tmp_path, web_settings(tmp_path, body_timeout_seconds=0.5)) as agent:
         with socket.create_connection(("127.0.0.1", agent.server.port), WAIT_SECONDS) as sock:
-            sock.sendall(_head(boundary, len(body)) + body[:end])
+            sock.sendall(post_head(boundary, len(body)) + body[:end])
             (cut,) = _news(agent)
         assert cut == Interruption(
             datasets[0].StudyInstanceUID,
@@ -239,7 +214,9 @@ def test_a_cut_off_request_waits_for_the_re_send_which_is_sealed_whole(tmp_path:
 
         assert _post(agent.url, parts[:6]).status_code == 200  # the first request
         forward.news.clear()
-        _send_cut_off(agent, parts[6:], complete=3)  # the second, cut off
+        send_cut_off(
+            agent.server.port, agent.layout.tmp, parts[6:], complete=3
+        )  # the second, cut off
         _until(lambda: bool(forward.news), "news of the cut-off request")
         assembler.drain()
         clock.at = T0 + timedelta(seconds=QUIET + 10)  # quiet, but cut short
