@@ -63,11 +63,12 @@ def decide(
     """Whether a receiving study is complete, all times on one monotonic clock.
 
     DICOM has no end-of-study message for C-STORE (PS3.4 Annex B), so silence is the signal:
-    `quiet_seconds` without a new instance. A sender whose association broke, or whose
-    instances were refused for want of resources, is expected to send again (PS3.4 B.2.3: the
-    SCU keeps what was not acknowledged), so such a study waits up to `sender_retry_seconds`
-    for it; and a study that never falls silent is sealed `max_wait_seconds` after it opened.
-    Both are sealed with a note that the input may be partial.
+    `quiet_seconds` without a new instance. A sender whose association (or STOW-RS request)
+    broke, or whose instances were refused for want of resources, is expected to send again
+    (PS3.4 B.2.3: the SCU keeps what was not acknowledged), so such a study waits up to
+    `sender_retry_seconds` for it; and a study that never falls silent is sealed
+    `max_wait_seconds` after it opened. Both are sealed with a note that the input may be
+    partial.
     """
     if max_wait_seconds is not None and now - opened >= max_wait_seconds:
         return Decision(

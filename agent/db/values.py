@@ -37,9 +37,9 @@ class ArrivedInstance:
 
 @dataclass(frozen=True)
 class Interruption:
-    """A sender's delivery of a study cut short: its association aborted or dropped, or an
-    instance of it refused for a reason that passes (out of resources). The sender is expected
-    to send again, so the study waits for that before it is sealed."""
+    """A sender's delivery of a study cut short: its association (or STOW-RS request) aborted
+    or dropped, or an instance of it refused for a reason that passes (out of resources). The
+    sender is expected to send again, so the study waits for that before it is sealed."""
 
     study_uid: str
     at: datetime
@@ -49,7 +49,8 @@ class Interruption:
 @dataclass(frozen=True)
 class CleanSend:
     """An association that began at `began`, stored instances of a study, refused none and
-    ended with a release: a re-send after an interruption before `began` makes up for it."""
+    ended with a release (or a STOW-RS request answered so): a re-send after an interruption
+    before `began` makes up for it."""
 
     study_uid: str
     began: datetime

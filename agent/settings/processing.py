@@ -20,9 +20,9 @@ class StudySettings(_Section):
     # then again after twice, four times as many, ...; it starts as soon as the counts match.
     verify_after_seconds: Annotated[float, Field(gt=0)] = 2.0
     # A study whose delivery was cut short in its last quiet period (an association aborted or
-    # dropped, an instance refused with 0xA7xx Out of Resources) is not sealed on the quiet
-    # period: it waits this long for the sender to send again, then is sealed with a note that
-    # its input may be partial.
+    # dropped, an instance refused with 0xA7xx Out of Resources; a STOW-RS request cut off or
+    # with such a refusal) is not sealed on the quiet period: it waits this long for the sender
+    # to send again, then is sealed with a note that its input may be partial.
     sender_retry_seconds: Annotated[float, Field(ge=0)] = 300.0
     # A study still receiving this long after it opened (a sender that trickles instances
     # just inside the quiet period) is sealed anyway, with a note; later instances reopen it.

@@ -22,6 +22,11 @@ class MultipartError(ValueError):
     """The body is not a well-formed multipart body: it says where it went wrong."""
 
 
+class BodyCutOff(MultipartError):
+    """The body ended after a part began but before its closing delimiter: it was cut off on
+    its way (a proxy, a sender that stopped), not built wrong."""
+
+
 @dataclass(frozen=True)
 class MediaType:
     """A Content-Type value: the type/subtype in lower case and its parameters."""
@@ -100,8 +105,10 @@ class MultipartReader:
 
     def close(self) -> None:
         """The body has ended; MultipartError unless it ended after its closing delimiter."""
+        if self._state == _PREAMBLE:
+            raise MultipartError("the body ends before its first boundary")
         if self._state != _EPILOGUE:
-            raise MultipartError("the body ends before its closing boundary")
+            raise BodyCutOff("the body ends before its closing boundary")
 
     def _step(self, events: list[Event]) -> bool:
         """Consume what the buffer allows in the current state; False when more is needed."""

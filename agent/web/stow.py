@@ -6,6 +6,10 @@ streamed to a temp file as it arrives (never held in memory), checked as the C-S
 checks a dataset, and synced; only when the whole body has been read and found well formed are
 the good ones renamed into place and announced. A body that breaks off or is malformed stores
 nothing (400), so a sender that retries it never leaves half a request behind.
+
+Like an association's end for C-STORE, each request's end tells the assembler, per study,
+whether it was delivered cleanly or cut short (see agent.web.stow_news), so that a study whose
+sender must send part of it again is not sealed on what came before.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from functools import partial
 
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -22,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from agent import audit
+from agent.db.values import CleanSend, Interruption
 from agent.dicom.files import DEFAULT_MAX_BYTES
 from agent.dicom.inflate import CorruptDeflate, InflatedTooLarge, check_inflated_size
 from agent.dicom.uids import is_valid_uid
@@ -41,14 +47,14 @@ from agent.spool.arrival import admit
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
 from agent.spool.writer import move_atomic
-from agent.web.multipart import MediaType, MultipartError, boundary_of
-from agent.web.stow_response import Result, response_body
+from agent.web.multipart import BodyCutOff, MediaType, MultipartError, boundary_of
+from agent.web.stow_news import sender_news
+from agent.web.stow_response import PROCESSING_FAILURE, Result, response_body
 from agent.web.stow_upload import Body, Part, RequestTooLarge, Upload
 
 log = logging.getLogger(__name__)
 
 # PS3.18 I.2.2 Failure Reason values beyond the C-STORE statuses shared above.
-PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
@@ -93,13 +99,20 @@ class StowService:
         ]
 
     async def store(self, request: Request) -> Response:
+        began = datetime.now(UTC)
         body = Body(request)
+        study = request.path_params.get("study")
         refusal = self._refusal(request)
         if refusal is not None:
             await body.drain()
+            # The spool low, or the body over the limit: a study the path names waits for the
+            # sender to send again, as for the same refusal of a request already under way.
+            turned_away = {503: "refused, spool low", 413: "over the size limit"}
+            how = turned_away.get(refusal.status_code)
+            if how is not None:
+                self._report(sender_news((), began=began, cut=how, study=study))
             return refusal
         boundary = boundary_of(MediaType.parse(request.headers["content-type"]))
-        study = request.path_params.get("study")
         upload = Upload(
             self._layout.tmp,
             partial(self.check, study=study),
@@ -108,28 +121,46 @@ class StowService:
             max_request_bytes=self._policy.max_request_bytes,
         )
         results: list[Result] = []
+        # How the request broke off before it could be answered, for the assembler's news.
+        cut: str | None = None
         try:
             checked = await upload.receive(body, boundary)
+        except BodyCutOff as exc:
+            await body.drain()
+            cut = "cut off"
+            status, response = 400, _error(400, f"malformed multipart body: {exc}")
         except MultipartError as exc:
             await body.drain()
             status, response = 400, _error(400, f"malformed multipart body: {exc}")
         except RequestTooLarge:
             limit = self._policy.max_request_bytes
+            cut = "over the size limit"
             status, response = 413, _error(413, f"request body over the {limit}-byte limit")
         except ClientDisconnect:
             log.info("STOW-RS: client left before the end of its request; nothing stored")
+            cut = "cut off"
             status, response = 400, _error(400, "client disconnected")
         except OSError as exc:  # the tmp folder cannot take another part file
             log.error("STOW-RS: spool write failed: %s; nothing stored", exc.strerror)
             await body.drain()
+            cut = "failed, spool write failed"
             status, response = 503, _error(503, f"spool write failed: {exc.strerror}")
         else:
             results = await run_in_threadpool(self._commit, checked)
             status, response = self._answer(results)
         finally:
             await upload.discard()
+        if cut is None:
+            self._report(sender_news(results, began=began, study=study))
+        else:
+            self._report(sender_news(upload.checked(), began=began, cut=cut, study=study))
         self._audit(request, results, status)
         return response
+
+    def _report(self, news: list[Interruption | CleanSend]) -> None:
+        """Tell the assembler, after the request's arrivals, how it went for each study."""
+        for item in news:
+            self._sink(item)
 
     def _refusal(self, request: Request) -> Response | None:
         """The answer to a request refused before its body is read, else None."""

@@ -9,6 +9,9 @@ from typing import Any
 
 from agent.receive.handlers import SUCCESS
 
+# PS3.18 I.2.2 (PS3.7 C.4): the failure reason for an error of this receiver's own.
+PROCESSING_FAILURE = 0x0110
+
 
 @dataclass(frozen=True)
 class Result:

@@ -145,6 +145,14 @@ class Upload:
         if len(unfinished) >= _CHECKS_IN_FLIGHT:
             await unfinished[0]
 
+    def checked(self) -> list[Result]:
+        """The parts checked so far, in order (after `discard`: every part that ended)."""
+        return [
+            check.result()
+            for check in self.checks
+            if check.done() and not check.cancelled() and check.exception() is None
+        ]
+
     async def discard(self) -> None:
         """Remove what is left in tmp: the parts of a failed request, or refused ones."""
         if self.checks:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import socket
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -12,7 +14,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from agent.db.database import Database
-from agent.db.values import ArrivedInstance
+from agent.db.values import ArrivedInstance, SenderNews
 from agent.settings import SecretRef, Settings, SpoolSettings, WebSettings
 from agent.spool.layout import SpoolLayout
 from agent.spool.watermark import Watermark
@@ -21,6 +23,7 @@ from agent.web.server import WebServer, start_web
 
 TOKEN = "s3cret-token-for-tests"
 CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary={boundary}'
+CUT_OFF_WAIT_SECONDS = 30.0  # how long `send_cut_off` waits for the server to read; not asserted
 
 
 def secret_file(folder: Path, name: str, value: str) -> SecretRef:
@@ -44,7 +47,9 @@ def web_settings(folder: Path, **fields: Any) -> WebSettings:
 class WebAgent:
     """A started web port spooling under `root`, with what it spooled and announced.
 
-    As a context manager it stops the server on exit.
+    What it announces goes to `sink` where one is given (an assembler), else it is kept:
+    instances in `arrivals`, how each request went for each study in `news`. As a context
+    manager it stops the server on exit.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class WebAgent:
         root: Path,
         web: WebSettings,
         watermark: Watermark | None = None,
+        sink: Callable[[SenderNews], None] | None = None,
         **settings: Any,
     ) -> None:
         self.settings = Settings(spool=SpoolSettings(path=root / "spool"), web=web, **settings)
@@ -60,9 +66,14 @@ class WebAgent:
         self.db = Database(f"sqlite:///{root / 'agent.db'}")
         self.db.create_schema()
         self.arrivals: list[ArrivedInstance] = []
-        services = WebServices(self.settings, self.layout, self.db, self.arrivals.append, watermark)
+        # Interruption or CleanSend, per study of each request.
+        self.news: list[SenderNews] = []
+        services = WebServices(self.settings, self.layout, self.db, sink or self._keep, watermark)
         self.server: WebServer = start_web(services)
         self.url = self.server.url
+
+    def _keep(self, news: SenderNews) -> None:
+        (self.arrivals if isinstance(news, ArrivedInstance) else self.news).append(news)
 
     def spooled(self) -> list[Path]:
         return sorted(self.layout.studies.glob("*/*/*.dcm"))
@@ -112,3 +123,34 @@ def multipart_chunks(parts: Iterable[Iterable[bytes]], boundary: str) -> Iterato
 
 def new_boundary() -> str:
     return uuid.uuid4().hex
+
+
+def post_head(boundary: str, length: int, path: str = "/dicom-web/studies") -> bytes:
+    """The head of a STOW-RS request with the test token, for a body of `length` bytes."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: {CONTENT_TYPE.format(boundary=boundary)}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def send_cut_off(port: int, tmp: Path, parts: list[bytes], complete: int) -> None:
+    """Send a STOW-RS request whose body holds `parts`, and leave once `complete` of them have
+    reached the server whole and the next has begun: a client gone mid-body. `tmp` is the
+    spool's tmp folder, where the server writes each part as it comes."""
+    boundary = new_boundary()
+    body = multipart(parts, boundary)
+    delimiter = f"\r\n--{boundary}".encode()
+    at = 0
+    for _ in range(complete):  # the body opens with a delimiter without its CRLF
+        at = body.index(delimiter, at + 1)
+    end = at + len(delimiter) + 200  # into the next part's bytes
+    with socket.create_connection(("127.0.0.1", port), CUT_OFF_WAIT_SECONDS) as sock:
+        sock.sendall(post_head(boundary, len(body)) + body[:end])
+        # The server has read the parts when the next one's temp file is there; only then
+        # leave, or the server may see the client gone before it reads what was sent.
+        deadline = time.monotonic() + CUT_OFF_WAIT_SECONDS
+        while len(list(tmp.iterdir())) <= complete:
+            assert time.monotonic() < deadline, "the server did not read the parts sent"
+            time.sleep(0.02)
