@@ -6,6 +6,7 @@ import re
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.settings import DestinationTls, ReceiverTls, SecretRef
@@ -57,6 +58,16 @@ class _ClientSocket(ssl.SSLSocket):
     shutdown() fails on it, and close() is skipped).
     """
 
+    def connect(self, addr: Any) -> None:
+        try:
+            super().connect(addr)
+        except OSError as exc:
+            # The TCP connection itself (refused, no route): a TLS failure is kept already.
+            context = self.context
+            if isinstance(context, ClientContext) and context.failure is None:
+                context.connect_failure = exc
+            raise
+
     def do_handshake(self, block: bool = False) -> None:
         try:
             super().do_handshake(block)
@@ -88,6 +99,7 @@ class ClientContext(ssl.SSLContext):
 
     sslsocket_class = _ClientSocket
     failure: str | None = None
+    connect_failure: OSError | None = None  # the TCP connection's, before any TLS
 
 
 def client_context(tls: DestinationTls) -> ClientContext:
