@@ -62,7 +62,10 @@ def session_for(endpoint: DicomWebEndpoint) -> requests.Session:
 def client_for(endpoint: DicomWebEndpoint) -> DICOMwebClient:
     if endpoint.url is None:
         raise ValueError("the DICOMweb endpoint has no url")
-    client = DICOMwebClient(url=endpoint.url, session=session_for(endpoint))
+    # dicomweb-client passes its own timeout (20 s) with every request, over the session's.
+    client = DICOMwebClient(
+        url=endpoint.url, session=session_for(endpoint), timeout=endpoint.timeout_seconds
+    )
     client.set_http_retry_params(retry=False)
     return client
 
