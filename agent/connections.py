@@ -119,7 +119,7 @@ class _Watch:
         self.opened = True
 
     def _received(self, event: Event) -> None:
-        primitive = event.primitive
+        primitive = vars(event).get("primitive")  # set per event kind, unknown to the stubs
         if isinstance(primitive, (A_ABORT, A_P_ABORT)):
             self.abort = primitive
 

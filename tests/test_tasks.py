@@ -14,9 +14,9 @@ from celery import Celery
 from celery.exceptions import Retry
 
 from agent.assembly.assembler import Assembler
+from agent.commands import cmd_study
 from agent.db.database import Database
 from agent.db.states import State
-from agent.commands import cmd_study
 from agent.db.switches import ModelSwitches
 from agent.logs import study_key
 from agent.pipeline import PipelineContext, export, results_dir

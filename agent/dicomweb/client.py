@@ -141,9 +141,12 @@ def _os_error(exc: BaseException) -> OSError | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and not isinstance(current, requests.RequestException):
-            if current.errno is not None or isinstance(current, socket.gaierror):
-                return current
+        if (
+            isinstance(current, OSError)
+            and not isinstance(current, requests.RequestException)
+            and (current.errno is not None or isinstance(current, socket.gaierror))
+        ):
+            return current
         nested = [a for a in current.args if isinstance(a, BaseException)]
         reason = getattr(current, "reason", None)
         if isinstance(reason, BaseException):

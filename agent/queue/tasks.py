@@ -34,9 +34,9 @@ def backoff_seconds(retries: int, base: float, cap: float) -> float:
 
 
 def next_attempt(countdown: float, attempt: int, now: datetime | None = None) -> str:
-    """"next attempt at 10:04:17 UTC (attempt 3)": the study's reason is read long after it
-    is written, when a countdown ("in 13.9 s") would be stale. The date is given when the
-    attempt falls on another day."""
+    """The note "next attempt at 10:04:17 UTC (attempt 3)": a time, since the study's reason
+    is read long after it is written, when a countdown ("in 13.9 s") would be stale. The date
+    is given when the attempt falls on another day."""
     now = now or datetime.now(UTC)
     at = now + timedelta(seconds=countdown)
     when = f"{at:%H:%M:%S}" if at.date() == now.date() else f"{at:%Y-%m-%d %H:%M:%S}"
