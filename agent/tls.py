@@ -54,8 +54,8 @@ def accept(ctx: ssl.SSLContext, sock: socket.socket, timeout: float) -> ssl.SSLS
 class _ClientSocket(ssl.SSLSocket):
     """Leaves the reason for a TLS failure on its ClientContext.
 
-    A connection whose handshake failed is closed here: pynetdicom forgets it unclosed (its
-    shutdown() fails on it, and close() is skipped).
+    A connection whose handshake (or TCP connect) failed is closed here: pynetdicom forgets it
+    unclosed (its shutdown() fails on it, and close() is skipped).
     """
 
     def connect(self, addr: Any) -> None:
@@ -66,6 +66,7 @@ class _ClientSocket(ssl.SSLSocket):
             context = self.context
             if isinstance(context, ClientContext) and context.failure is None:
                 context.connect_failure = exc
+            self.close()
             raise
 
     def do_handshake(self, block: bool = False) -> None:

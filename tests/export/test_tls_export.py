@@ -19,6 +19,7 @@ from agent.export import dimse
 from agent.settings import DestinationSettings, DestinationTls
 from tests.support.agent import cli
 from tests.support.pki import Pki, make_pki
+from tests.support.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,13 @@ def test_peer_wanting_a_client_certificate_we_lack(peer: Peer, pki: Pki) -> None
         dimse.echo(destination, "PACS_AGENT")
     assert str(info.value).startswith("destination pacs: TLS error:")
     assert "certificate" in str(info.value)
+
+
+def test_nothing_listening_is_connection_refused_not_a_tls_error(pki: Pki) -> None:
+    port = free_port()
+    with pytest.raises(RetryableError) as info:
+        dimse.echo(_destination(port, **_mutual(pki)), "PACS_AGENT")
+    assert str(info.value) == f"destination pacs: connection refused at 127.0.0.1:{port}"
 
 
 def test_peer_not_speaking_tls(pki: Pki) -> None:
