@@ -219,7 +219,7 @@ def why_no_answer(assoc: Association, what: str) -> str:
     """Why a request on an established association got no answer: "no answer to C-STORE of SR
     within 60 s" (pynetdicom aborts the association when its DIMSE timeout passes), or the
     peer aborted it or closed the connection."""
-    if getattr(assoc, "_sent_abort", False):
+    if getattr(assoc, "_sent_abort", False):  # pynetdicom 3.0: it sent the A-ABORT itself
         timeout = assoc.dimse_timeout
         within = f" within {timeout:g} s" if timeout is not None else ""
         return f"no answer to {what}{within}"

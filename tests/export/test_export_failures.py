@@ -25,10 +25,8 @@ from agent.errors import RetryableError
 from agent.export import dimse, stow
 from agent.export.outbox import Outbox
 from agent.settings import DestinationSettings
-from tests.export.test_outbox import _object, deliveries, files
+from tests.export.test_outbox import _object
 from tests.support.ports import free_port
-
-__all__ = ["deliveries", "files"]  # fixtures
 
 LOOPBACK = "127.0.0.1"
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -26,7 +25,6 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.audit import AUDIT_LOGGER
-from agent.db.database import Database
 from agent.db.deliveries import Deliveries, ObjectStatus
 from agent.errors import RetryableError
 from agent.export.outbox import Outbox, backoff
@@ -54,22 +52,6 @@ def _object(folder: Path, sop_class: str) -> Path:
     path = folder / f"{ds.SOPInstanceUID}.dcm"  # the outbox names objects by SOP Instance UID
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-@pytest.fixture
-def deliveries(database_url: str) -> Iterator[Deliveries]:
-    db = Database(database_url)
-    db.create_schema()
-    yield Deliveries(db)
-    db.dispose()
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> list[Path]:
-    return [
-        _object(tmp_path / "outbox", SegmentationStorage),
-        _object(tmp_path / "outbox", Comprehensive3DSRStorage),
-    ]
 
 
 class Stand:
