@@ -81,10 +81,9 @@ def cmd_study(settings: Settings, key: str) -> int:
         role = f"input of {', '.join(used[series_uid])}" if series_uid in used else "stored"
         print(f"  series {folder}  {count} x {name}  {role}")
     for delivery in deliveries:
-        stored = sum(o.stored for o in delivery.objects)
         error = f"; last error: {delivery.last_error}" if delivery.last_error else ""
         print(
-            f"  to {delivery.destination}: {stored} of {len(delivery.objects)} stored, "
+            f"  to {delivery.destination}: {delivery.stored} of {delivery.total} objects stored, "
             f"{delivery.attempts} attempt{'' if delivery.attempts == 1 else 's'} since "
             f"{delivery.first_attempt_at.strftime('%Y-%m-%d %H:%M:%S')}Z{error}"
         )

@@ -6,6 +6,7 @@ import re
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.settings import DestinationTls, ReceiverTls, SecretRef
@@ -53,9 +54,20 @@ def accept(ctx: ssl.SSLContext, sock: socket.socket, timeout: float) -> ssl.SSLS
 class _ClientSocket(ssl.SSLSocket):
     """Leaves the reason for a TLS failure on its ClientContext.
 
-    A connection whose handshake failed is closed here: pynetdicom forgets it unclosed (its
-    shutdown() fails on it, and close() is skipped).
+    A connection whose handshake (or TCP connect) failed is closed here: pynetdicom forgets it
+    unclosed (its shutdown() fails on it, and close() is skipped).
     """
+
+    def connect(self, addr: Any) -> None:
+        try:
+            super().connect(addr)
+        except OSError as exc:
+            # The TCP connection itself (refused, no route): a TLS failure is kept already.
+            context = self.context
+            if isinstance(context, ClientContext) and context.failure is None:
+                context.connect_failure = exc
+            self.close()
+            raise
 
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -88,6 +100,7 @@ class ClientContext(ssl.SSLContext):
 
     sslsocket_class = _ClientSocket
     failure: str | None = None
+    connect_failure: OSError | None = None  # the TCP connection's, before any TLS
 
 
 def client_context(tls: DestinationTls) -> ClientContext:

@@ -172,7 +172,8 @@ def test_retry_assembles_a_skipped_study_again_and_names_unknown_keys(tmp_path: 
 def test_check_config_and_echo_ask_a_dicomweb_destination_by_qido(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    dead_port = free_port()
+    dead = f"http://127.0.0.1:{dead_port}/dicom-web"
     extra = "".join(
         f'[[destinations]]\nname = "{name}"\nkind = "dicomweb"\nurl = "{url}"\n'
         for name, url in (("web", orthanc.dicomweb_url), ("gone", dead))
@@ -183,7 +184,8 @@ def test_check_config_and_echo_ask_a_dicomweb_destination_by_qido(
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"ok    destination web ({orthanc.dicomweb_url}) QIDO-RS" in lines
     assert any(
-        line.startswith(f"FAIL  destination gone ({dead}) QIDO-RS") and "connection failed" in line
+        line.startswith(f"FAIL  destination gone ({dead}) QIDO-RS")
+        and f"connection refused at 127.0.0.1:{dead_port}" in line
         for line in lines
     ), lines
     echo = cli("echo", "web", "--config", str(config))

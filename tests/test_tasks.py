@@ -2,30 +2,49 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from celery import Celery
+from celery.exceptions import Retry
 
 from agent.assembly.assembler import Assembler
+from agent.commands import cmd_study
 from agent.db.database import Database
 from agent.db.states import State
 from agent.db.switches import ModelSwitches
+from agent.logs import study_key
 from agent.pipeline import PipelineContext, export, results_dir
 from agent.queue.app import EXPORT, INFER, create_app
 from agent.queue.routing import consumed_queues
-from agent.queue.tasks import backoff_seconds
-from agent.settings import DatabaseSettings, ModelSettings, Settings, SpoolSettings
+from agent.queue.tasks import backoff_seconds, next_attempt
+from agent.settings import (
+    DatabaseSettings,
+    DestinationSettings,
+    ModelSettings,
+    Settings,
+    SpoolSettings,
+)
 from agent.spool.layout import SpoolLayout
 from tests.assembly.test_assembler import T0, FakeClock, Recorder, _spool
 from tests.support.phantom import write_phantom_series
+from tests.support.ports import free_port
 
 
 def test_backoff_doubles_and_is_capped() -> None:
     assert [backoff_seconds(n, 5, 60) for n in range(6)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_the_next_attempt_is_a_time_of_day_with_the_date_when_it_is_another_day() -> None:
+    now = datetime(2026, 3, 1, 10, 4, 2, 500_000, tzinfo=UTC)
+    assert next_attempt(15, 3, now) == "next attempt at 10:04:17 UTC (attempt 3)"
+    late = datetime(2026, 3, 1, 23, 59, 50, tzinfo=UTC)
+    assert next_attempt(600, 2, late) == "next attempt at 2026-03-02 00:09:50 UTC (attempt 2)"
 
 
 # -- the infer task and the model switches --------------------------------------------------------
@@ -64,12 +83,19 @@ class Job:
 
 @pytest.fixture
 def job(tmp_path: Path) -> Iterator[Job]:
+    with _job(tmp_path) as rig:
+        yield rig
+
+
+@contextmanager
+def _job(tmp_path: Path, destinations: tuple[DestinationSettings, ...] = ()) -> Iterator[Job]:
     # "second" is urgent: so is every study it takes, whether it runs or not.
     models = (ModelSettings(), ModelSettings(name="second", priority="urgent"))
     settings = Settings(
         spool=SpoolSettings(path=tmp_path / "spool"),
         database=DatabaseSettings(url=f"sqlite:///{tmp_path / 'agent.db'}"),
         models=models,
+        destinations=destinations,
     )
     layout = SpoolLayout(settings.spool.path)
     layout.create()
@@ -88,9 +114,11 @@ def job(tmp_path: Path) -> Iterator[Job]:
     app = create_app(settings, lambda: ctx)
     rig = Job(ctx, app, assembler, recorder, truth.study_uid, job_id)
     rig.sent()  # the in-memory queues are process-wide: start (and end) empty
-    yield rig
-    rig.sent()
-    db.dispose()
+    try:
+        yield rig
+    finally:
+        rig.sent()
+        db.dispose()
 
 
 @pytest.mark.parametrize("since", [State.QUEUED, State.INFERRING])
@@ -140,3 +168,40 @@ def test_results_of_a_model_switched_off_after_it_ran_are_not_sent(job: Job) -> 
     job.app.tasks[EXPORT].apply(args=[job.job_id]).get(disable_sync_subtasks=False)
     assert job.state() == ("skipped: model ct-tissue is switched off; model second is switched off")
     assert not (job.ctx.layout.job_dir(job.job_id) / "outbox").exists()
+
+
+def test_an_export_that_cannot_connect_says_why_how_far_it_got_and_when_it_tries_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    pacs = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    with _job(tmp_path, (pacs,)) as job:
+        ModelSwitches(job.ctx.db).set("second", "off")
+        job.infer()
+        job.sent()
+        before = datetime.now(UTC)
+        with pytest.raises(Retry):
+            job.app.tasks[EXPORT](job.job_id)
+        after = datetime.now(UTC)
+        state = job.state()
+        found = re.fullmatch(
+            r"exporting: next attempt at ((?:\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d) UTC "
+            r"\(attempt 2\): "
+            rf"destination pacs: connection refused at 127\.0\.0\.1:{port}",
+            state,
+        )
+        assert found, state
+        # The first wait is 5 to 10 s (retry_backoff_seconds 10, its upper half), from now.
+        when = found[1] if len(found[1]) > 8 else f"{before:%Y-%m-%d} {found[1]}"
+        at = datetime.strptime(when, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        assert before.replace(microsecond=0) + timedelta(seconds=4) <= at
+        assert at <= after + timedelta(seconds=10)
+
+        capsys.readouterr()
+        cmd_study(job.ctx.settings, study_key(job.study_uid))
+        lines = capsys.readouterr().out.splitlines()
+        [line] = [x for x in lines if x.startswith("  to pacs:")]
+        assert line.startswith("  to pacs: 0 of 2 objects stored, 1 attempt since "), line
+        assert line.endswith(
+            f"Z; last error: destination pacs: connection refused at 127.0.0.1:{port}"
+        ), line

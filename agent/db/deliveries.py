@@ -47,7 +47,17 @@ class DeliveryView:
     first_attempt_at: datetime
     attempts: int
     last_error: str
-    objects: tuple[ObjectStatus, ...]
+    objects: tuple[ObjectStatus, ...]  # the destination's answers so far
+    expected: int = 0  # the objects to deliver (0: not known, as in rows of older versions)
+
+    @property
+    def stored(self) -> int:
+        """How many of the objects the destination has confirmed stored."""
+        return sum(o.stored for o in self.objects)
+
+    @property
+    def total(self) -> int:
+        return max(self.expected, len(self.objects))
 
 
 class Deliveries:
@@ -56,8 +66,9 @@ class Deliveries:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def begin(self, job_id: str, destination: str) -> DeliveryView:
-        """The (job, destination) delivery so far, recording now as its first attempt if new."""
+    def begin(self, job_id: str, destination: str, objects: int = 0) -> DeliveryView:
+        """The (job, destination) delivery so far, recording now as its first attempt if new,
+        and `objects` as the number to deliver when given."""
         now = utcnow()
         with self._db.session() as s, s.begin():
             row = _delivery_row(s, job_id, destination)
@@ -69,10 +80,18 @@ class Deliveries:
                     attempts=0,
                     last_error="",
                     updated_at=now,
+                    objects=objects,
                 )
                 s.add(row)
+            elif objects and row.objects != objects:
+                row.objects = objects
             return DeliveryView(
-                destination, as_utc(row.first_attempt_at), row.attempts, row.last_error, ()
+                destination,
+                as_utc(row.first_attempt_at),
+                row.attempts,
+                row.last_error,
+                (),
+                row.objects,
             )
 
     def stored(self, job_id: str, destination: str) -> set[str]:
@@ -148,6 +167,7 @@ class Deliveries:
                     for o in objects
                     if o.destination == row.destination
                 ),
+                row.objects,
             )
             for row in rows
         ]

@@ -113,6 +113,8 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # How many objects the job has for this destination, known before the first is sent.
+    objects: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class SentObject(Base):

@@ -7,12 +7,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
-from agent.connections import Refusal, associate, close_connection
+from agent.connections import (
+    Refusal,
+    RequestorAE,
+    associate,
+    close_connection,
+    why_no_answer,
+)
 from agent.db.deliveries import ObjectStatus
 from agent.dicom.files import read_header
 from agent.errors import ConfigError, RetryableError
@@ -21,16 +26,19 @@ from agent.settings import DestinationSettings
 log = logging.getLogger(__name__)
 
 
-def _ae(calling_ae: str) -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 120
-    ae.network_timeout = 120
-    ae.connection_timeout = 10
+def _ae(calling_ae: str, destination: DestinationSettings) -> RequestorAE:
+    """`timeout_seconds` bounds every wait: the connection (10 s at most), the answer to the
+    association request (30 s at most), each C-STORE response."""
+    timeout = destination.timeout_seconds
+    ae = RequestorAE(ae_title=calling_ae)
+    ae.connection_timeout = min(10.0, timeout)
+    ae.acse_timeout = min(30.0, timeout)
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
     return ae
 
 
-def _associate(ae: AE, destination: DestinationSettings) -> Association:
+def _associate(ae: RequestorAE, destination: DestinationSettings) -> Association:
     """An established association, over TLS when the destination has a `tls` table.
 
     RetryableError says why none was established (a destination's refusal may be lifted by
@@ -40,7 +48,7 @@ def _associate(ae: AE, destination: DestinationSettings) -> Association:
     who = f"destination {destination.name}"
     got = associate(ae, host, port, ae_title, destination.tls, who=who)
     if isinstance(got, Refusal):
-        raise RetryableError(f"{who}: {got.reason or 'association refused or failed'}")
+        raise RetryableError(f"{who}: {got.reason}")
     return got
 
 
@@ -54,15 +62,19 @@ def _address(destination: DestinationSettings) -> tuple[str, int, str]:
 
 def echo(destination: DestinationSettings, calling_ae: str) -> None:
     """C-ECHO the destination; RetryableError says why it failed."""
-    ae = _ae(calling_ae)
+    ae = _ae(calling_ae, destination)
     ae.add_requested_context(Verification)
     assoc = _associate(ae, destination)
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
-    if not status or status.Status != 0x0000:
-        raise RetryableError(f"destination {destination.name}: C-ECHO failed")
+    if not status or "Status" not in status:
+        raise RetryableError(f"destination {destination.name}: {why_no_answer(assoc, 'C-ECHO')}")
+    if status.Status != 0x0000:
+        raise RetryableError(
+            f"destination {destination.name}: C-ECHO answered {describe_status(status.Status)}"
+        )
 
 
 def send(
@@ -79,7 +91,7 @@ def send(
     if not files:
         return
     headers = [read_header(path) for path in files]
-    ae = _ae(calling_ae)
+    ae = _ae(calling_ae, destination)
     contexts: dict[str, set[str]] = {}
     for ds in headers:
         syntaxes = contexts.setdefault(str(ds.SOPClassUID), set())
@@ -96,9 +108,8 @@ def send(
             response = assoc.send_c_store(path)
             if not response or "Status" not in response:
                 # No answer: the association was aborted or timed out under this instance.
-                raise RetryableError(
-                    f"destination {destination.name}: no answer to C-STORE of {ds.Modality}"
-                )
+                why = why_no_answer(assoc, f"C-STORE of {ds.Modality}")
+                raise RetryableError(f"destination {destination.name}: {why}")
             record(
                 ObjectStatus(
                     str(ds.SOPInstanceUID),

@@ -119,7 +119,7 @@ class Outbox:
         study: str,
     ) -> None:
         name = dest.name
-        delivery = self._deliveries.begin(job_id, name)
+        delivery = self._deliveries.begin(job_id, name, len(files))
         stored = self._deliveries.stored(job_id, name)
         todo = [path for path in files if path.stem not in stored]
         if not todo:

@@ -77,7 +77,9 @@ def _client(destination: DestinationSettings, service: str) -> Iterator[DICOMweb
     try:
         yield client
     except requests.RequestException as exc:
-        failure = http_failure(exc, f"destination {destination.name}: {service}")
+        failure = http_failure(
+            exc, f"destination {destination.name}: {service}", destination.timeout_seconds
+        )
         if failure.retryable:
             raise RetryLater(failure.message, failure.retry_after) from None
         raise DestinationRefused(failure.message) from None

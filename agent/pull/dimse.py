@@ -11,7 +11,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.status import code_to_category
 
-from agent.connections import Refusal, associate, close_connection
+from agent.connections import Refusal, RequestorAE, associate, close_connection
 from agent.errors import ConfigError
 from agent.pull.checks import Refused, checked
 from agent.pull.source import (
@@ -187,15 +187,15 @@ class DimseSource:
             close_connection(assoc)
         _check_get(final[0] if final else None, delivered, what)
 
-    def _ae(self) -> AE:
-        ae = AE(ae_title=self._calling_ae)
+    def _ae(self) -> RequestorAE:
+        ae = RequestorAE(ae_title=self._calling_ae)
         ae.acse_timeout = self._timeout
         ae.dimse_timeout = self._timeout
         ae.network_timeout = self._timeout
         ae.connection_timeout = min(10.0, self._timeout)
         return ae
 
-    def _associate(self, ae: AE, what: str, **kwargs: Any) -> Association:
+    def _associate(self, ae: RequestorAE, what: str, **kwargs: Any) -> Association:
         """An established association, over TLS when the source has a `tls` table; raises
         SourceUnavailable (or SourceRefused for a permanent rejection) otherwise."""
         host, port, ae_title = self._address
@@ -203,7 +203,7 @@ class DimseSource:
             ae, host, port, ae_title, self.settings.tls, who=f"source {self.name}", **kwargs
         )
         if isinstance(got, Refusal):
-            message = f"{what}: {got.reason or 'connection failed'}"
+            message = f"{what}: {got.reason}"
             raise SourceRefused(message) if got.permanent else SourceUnavailable(message)
         return got
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task
@@ -30,6 +31,16 @@ DISK_RETRY_SECONDS = 10.0
 def backoff_seconds(retries: int, base: float, cap: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped."""
     return float(min(cap, base * (2**retries)))
+
+
+def next_attempt(countdown: float, attempt: int, now: datetime | None = None) -> str:
+    """The note "next attempt at 10:04:17 UTC (attempt 3)": a time, since the study's reason
+    is read long after it is written, when a countdown ("in 13.9 s") would be stale. The date
+    is given when the attempt falls on another day."""
+    now = now or datetime.now(UTC)
+    at = now + timedelta(seconds=countdown)
+    when = f"{at:%H:%M:%S}" if at.date() == now.date() else f"{at:%Y-%m-%d %H:%M:%S}"
+    return f"next attempt at {when} UTC (attempt {attempt})"
 
 
 def _again(task: Task[Any, Any], countdown: float) -> Retry:
@@ -77,9 +88,7 @@ def _retry_or_fail(
     countdown = backoff_seconds(
         task.request.retries, q.retry_backoff_seconds, q.retry_backoff_max_seconds
     )
-    pipeline.note_retry(
-        ctx, job_id, step, f"retrying in {countdown:.0f} s (attempt {attempt}): {exc}"
-    )
+    pipeline.note_retry(ctx, job_id, step, f"{next_attempt(countdown, attempt + 1)}: {exc}")
     raise task.retry(countdown=countdown, max_retries=q.max_retries) from exc
 
 
@@ -120,7 +129,9 @@ def _export(task: Task[Any, Any], ctx: PipelineContext, q: QueueSettings, job_id
     except ExportPending as exc:
         # Held as an ETA message: keep it under the broker's redelivery timeout.
         countdown = min(exc.retry_in, float(q.task_time_limit_seconds))
-        pipeline.note_retry(ctx, job_id, State.EXPORTING, f"retrying in {countdown:.1f} s: {exc}")
+        attempt = task.request.retries + 2  # the one after this
+        note = f"{next_attempt(countdown, attempt)}: {exc}"
+        pipeline.note_retry(ctx, job_id, State.EXPORTING, note)
         raise task.retry(countdown=countdown, max_retries=None) from exc
     except ExportFailed as exc:
         pipeline.end(ctx, job_id, State.FAILED, str(exc))

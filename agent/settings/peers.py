@@ -113,6 +113,8 @@ class DestinationSettings(DicomPeer):
     role: ClassVar[str] = "destination"
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     kind: Literal["dimse", "dicomweb"] = "dimse"
+    # dimse: `timeout_seconds` bounds the connection (10 s at most), the answer to the
+    # association request (30 s at most) and each C-STORE response.
     # dicomweb (`url`, `auth`, `verify_tls`, `ca_certificates`, `timeout_seconds` as for any
     # DICOMweb endpoint): objects go in requests of at most this many instances and bytes.
     stow_max_instances: Annotated[int, Field(ge=1)] = 50

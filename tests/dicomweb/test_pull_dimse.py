@@ -89,9 +89,10 @@ def test_submit_pulls_a_study_by_c_get_and_processes_it(orthanc: Orthanc, tmp_pa
 
 
 def test_submit_names_a_dimse_source_that_is_down(tmp_path: Path) -> None:
+    port = free_port()
     dead = (
         '[[sources]]\nname = "down"\nkind = "dimse"\nae_title = "PACS"\n'
-        f'host = "127.0.0.1"\nport = {free_port()}\n'
+        f'host = "127.0.0.1"\nport = {port}\n'
     )
     with serving_agent(tmp_path / "agent", extra="[web]\nenabled = false\n" + dead) as (
         agent,
@@ -100,7 +101,10 @@ def test_submit_names_a_dimse_source_that_is_down(tmp_path: Path) -> None:
     ):
         result = cli("submit", "--config", str(agent.config), "--study", "1.2.3.4.5")
         assert result.returncode == 75, result
-        assert "C-FIND at down: connection failed; try again later" in result.stderr
+        assert (
+            f"C-FIND at down: connection refused at 127.0.0.1:{port}; try again later"
+            in result.stderr
+        )
 
 
 def test_poller_finds_a_new_study_by_c_find(orthanc: Orthanc, tmp_path: Path) -> None:

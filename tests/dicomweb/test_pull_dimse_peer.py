@@ -114,7 +114,11 @@ def test_an_archive_that_does_not_know_us_is_refused_not_retried(
 ) -> None:
     with (
         Archive(datasets, require_calling_aet=["SOMEONE"]) as archive,
-        pytest.raises(SourceRefused, match=r"association rejected \(result 1,"),
+        pytest.raises(
+            SourceRefused,
+            match=r"association rejected by \w+: calling AE title PACS_AGENT not recognized "
+            r"\(permanent\)",
+        ),
     ):
         archive.source().instance_count(archive.study_uid)
 

@@ -150,7 +150,8 @@ def test_submit_pulls_a_study_from_orthanc_and_processes_it(
 
 
 def test_submit_names_a_source_that_is_down(tmp_path: Path) -> None:
-    dead = f'[[sources]]\nname = "down"\nurl = "http://127.0.0.1:{free_port()}/dicom-web"\n'
+    port = free_port()
+    dead = f'[[sources]]\nname = "down"\nurl = "http://127.0.0.1:{port}/dicom-web"\n'
     with serving_agent(tmp_path / "agent", extra="[web]\nenabled = false\n" + dead) as (
         agent,
         _db,
@@ -158,7 +159,10 @@ def test_submit_names_a_source_that_is_down(tmp_path: Path) -> None:
     ):
         result = cli("submit", "--config", str(agent.config), "--study", "1.2.3.4.5")
         assert result.returncode == 75, result
-        assert "QIDO-RS at down: connection failed; try again later" in result.stderr
+        assert (
+            f"QIDO-RS at down: connection refused at 127.0.0.1:{port}; try again later"
+            in result.stderr
+        )
 
 
 def test_poller_processes_a_new_study_once_across_restarts(

@@ -48,10 +48,16 @@ def agent_with_study(tmp_path: Path, size: int = 96, **config: Any) -> Iterator[
 def test_pacs_down_then_up_is_retried_until_done(tmp_path: Path) -> None:
     pacs_port = free_port()  # nothing listens here yet
     with agent_with_study(tmp_path, destinations=[("ORTHANC", "127.0.0.1", pacs_port)]) as sent:
-        sent.agent.wait_log("export retrying in", timeout=120)
+        sent.agent.wait_log("export next attempt at", timeout=120)
         study = sent.db.get(sent.truth.study_uid)
         assert study is not None and study.state == State.EXPORTING
-        assert "association refused or failed" in study.reason
+        assert re.match(
+            r"next attempt at \d\d:\d\d:\d\d UTC \(attempt \d+\): destination pacs0: "
+            rf"connection refused at 127\.0\.0\.1:{pacs_port}",
+            study.reason,
+        ), study.reason
+        detail = cli("status", study.study_key, "--config", str(sent.agent.config))
+        assert "  to pacs0: 0 of 2 objects stored, " in detail.stdout, detail.stdout
         pacs = Orthanc()
         pacs.dicom_port = pacs_port
         with pacs:
@@ -70,7 +76,7 @@ def test_pacs_that_stays_down_ends_failed_listed_and_retry_sends_it(tmp_path: Pa
         failed = sent.final()
         assert failed.state == State.FAILED
         assert failed.reason.startswith("export to pacs0: gave up after 6 s (")
-        assert "association refused or failed" in failed.reason
+        assert f"connection refused at 127.0.0.1:{pacs_port}" in failed.reason
         sent.agent.assert_running()  # the service carries on
         config = str(sent.agent.config)
         listed = cli("status", "--failed", "--config", config)
@@ -92,7 +98,7 @@ def test_pacs_that_stays_down_ends_failed_listed_and_retry_sends_it(tmp_path: Pa
             log_text = sent.agent.log_path.read_text(errors="replace")
             assert len(re.findall(r"model ct-tissue \S+ finished", log_text)) == 1
         detail = cli("status", failed.study_key, "--config", config)
-        assert "to pacs0: 2 of 2 stored" in detail.stdout, detail.stdout
+        assert "to pacs0: 2 of 2 objects stored" in detail.stdout, detail.stdout
         assert detail.stdout.count("0x0000 (Success)") == 2, detail.stdout
 
 
@@ -115,4 +121,4 @@ def test_model_configured_for_missing_cuda_fails_with_reason(tmp_path: Path) -> 
             "inference gave up after 2 attempts: "
             "model ct-tissue is configured for CUDA, which is not available"
         )
-        sent.agent.wait_log("inference retrying in")
+        sent.agent.wait_log("inference next attempt at")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -26,7 +25,6 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.audit import AUDIT_LOGGER
-from agent.db.database import Database
 from agent.db.deliveries import Deliveries, ObjectStatus
 from agent.errors import RetryableError
 from agent.export.outbox import Outbox, backoff
@@ -54,22 +52,6 @@ def _object(folder: Path, sop_class: str) -> Path:
     path = folder / f"{ds.SOPInstanceUID}.dcm"  # the outbox names objects by SOP Instance UID
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-@pytest.fixture
-def deliveries(database_url: str) -> Iterator[Deliveries]:
-    db = Database(database_url)
-    db.create_schema()
-    yield Deliveries(db)
-    db.dispose()
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> list[Path]:
-    return [
-        _object(tmp_path / "outbox", SegmentationStorage),
-        _object(tmp_path / "outbox", Comprehensive3DSRStorage),
-    ]
 
 
 class Stand:
@@ -159,7 +141,7 @@ def test_the_breaker_opens_after_failures_in_a_row_then_lets_one_probe_through(
     stand = Stand()
     dest = _destination(breaker_failures=2, retry_backoff_seconds=30)
     for job in ("a", "b"):
-        stand.script = ["destination pacs: association refused or failed"]
+        stand.script = ["destination pacs: connection refused at 127.0.0.1:11112"]
         _outbox(deliveries, stand).deliver(job, files, [dest])
     assert len(stand.calls) == 2
     failures, open_until = deliveries.breaker("pacs")
@@ -187,7 +169,7 @@ def test_past_the_ceiling_the_destination_gives_up_with_the_last_error(
     deliveries: Deliveries, files: list[Path]
 ) -> None:
     stand = Stand()
-    stand.script = ["destination pacs: association refused or failed"]
+    stand.script = ["destination pacs: connection refused at 127.0.0.1:11112"]
     dest = _destination(give_up_after_hours=2, breaker_failures=10)
     first = _outbox(deliveries, stand).deliver("job-4", files, [dest])
     assert len(first.waiting) == 1
@@ -195,7 +177,7 @@ def test_past_the_ceiling_the_destination_gives_up_with_the_last_error(
     report = _outbox(deliveries, stand, now=later).deliver("job-4", files, [dest])
     assert report.gave_up == [
         "export to pacs: gave up after 2 h (1 attempt): "
-        "destination pacs: association refused or failed"
+        "destination pacs: connection refused at 127.0.0.1:11112"
     ]
     assert len(stand.calls) == 1  # no attempt after the ceiling
 
@@ -215,7 +197,7 @@ def test_each_destination_goes_its_own_way(deliveries: Deliveries, files: list[P
     ) -> None:
         sent_to.append(dest.name)
         if dest.name == "down":
-            raise RetryableError("destination down: association refused or failed")
+            raise RetryableError("destination down: connection refused at 127.0.0.1:11112")
         for path in paths:
             record(ObjectStatus(path.stem, SegmentationStorage, 0x0000))
 

@@ -19,6 +19,7 @@ from agent.export import dimse
 from agent.settings import DestinationSettings, DestinationTls
 from tests.support.agent import cli
 from tests.support.pki import Pki, make_pki
+from tests.support.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +122,8 @@ def test_wrong_ca_fails_naming_the_destination(peer: Peer, pki: Pki, ct_file: Pa
     destination = _destination(peer.port, **_mutual(pki, ca_certificates=pki.other_ca))
     with pytest.raises(RetryableError) as info:
         dimse.echo(destination, "PACS_AGENT")
-    assert str(info.value).startswith("destination pacs: TLS failed: certificate verify failed")
-    with pytest.raises(RetryableError, match=r"^destination pacs: TLS failed: certificate"):
+    assert str(info.value).startswith("destination pacs: TLS error: certificate verify failed")
+    with pytest.raises(RetryableError, match=r"^destination pacs: TLS error: certificate"):
         dimse.send(destination, "PACS_AGENT", [ct_file], [].append)
     assert peer.received == []
 
@@ -141,13 +142,20 @@ def test_peer_wanting_a_client_certificate_we_lack(peer: Peer, pki: Pki) -> None
     destination = _destination(peer.port, ca_certificates=pki.ca)
     with pytest.raises(RetryableError) as info:
         dimse.echo(destination, "PACS_AGENT")
-    assert str(info.value).startswith("destination pacs: TLS failed:")
+    assert str(info.value).startswith("destination pacs: TLS error:")
     assert "certificate" in str(info.value)
+
+
+def test_nothing_listening_is_connection_refused_not_a_tls_error(pki: Pki) -> None:
+    port = free_port()
+    with pytest.raises(RetryableError) as info:
+        dimse.echo(_destination(port, **_mutual(pki)), "PACS_AGENT")
+    assert str(info.value) == f"destination pacs: connection refused at 127.0.0.1:{port}"
 
 
 def test_peer_not_speaking_tls(pki: Pki) -> None:
     for plain in _serve(None):
-        with pytest.raises(RetryableError, match=r"^destination pacs: TLS failed: "):
+        with pytest.raises(RetryableError, match=r"^destination pacs: TLS error: "):
             dimse.echo(_destination(plain.port, **_mutual(pki)), "PACS_AGENT")
         # The same peer without TLS is fine: the failure was the TLS, not the peer.
         dimse.echo(
@@ -163,7 +171,7 @@ def test_our_certificate_from_another_ca_is_refused(peer: Peer, pki: Pki) -> Non
         peer.port,
         **_mutual(pki, certificate=pki.other_client_cert, private_key=pki.other_client_key),
     )
-    with pytest.raises(RetryableError, match=r"^destination pacs: TLS failed: .*unknown ca"):
+    with pytest.raises(RetryableError, match=r"^destination pacs: TLS error: .*unknown ca"):
         dimse.echo(destination, "PACS_AGENT")
 
 
