@@ -121,9 +121,11 @@ def cmd_serve(settings: Settings) -> int:
         if settings.queue.embedded:
             log.info("embedded worker on the in-memory broker")
             _warm_decoders()  # the receiver is already listening
-            preload(settings.models)
+            devices = preload(settings.models)
+            _started(settings, server.server_address[1], web, devices)
             _run_worker(app, settings, consumed_queues("all"), "serve")
         else:
+            _started(settings, server.server_address[1], web, None)
             _wait_for_signal()
     finally:
         for poller in pollers:
@@ -136,6 +138,27 @@ def cmd_serve(settings: Settings) -> int:
         ctx.db.dispose()
         log.info("stopped")
     return EXIT_OK
+
+
+def _started(
+    settings: Settings, port: int, web: WebServer | None, devices: dict[str, str] | None
+) -> None:
+    """The end of the start-up, in one line: where it listens, which model runs where (None:
+    on separate workers), where results go; and a warning when they go nowhere."""
+    if not settings.destinations:
+        log.warning(
+            "no [[destinations]] configured: results are kept in the outbox and sent nowhere"
+        )
+    listening = f"receiver {settings.receiver.ae_title} on {settings.receiver.host}:{port}"
+    if web is not None:
+        listening += f", web on {settings.web.host}:{web.port}"
+    names = [m.name for m in settings.models]
+    if devices is None:
+        models = ", ".join(names) + " (run by separate workers)"
+    else:
+        models = ", ".join(f"{name} on {devices.get(name, 'not loaded')}" for name in names)
+    sent = ", ".join(d.name for d in settings.destinations) or "none"
+    log.info("started: %s; models %s; destinations %s", listening, models, sent)
 
 
 def _start_web(
@@ -212,15 +235,15 @@ def cmd_worker(settings: Settings, queue: str, device: str | None = None) -> int
     return EXIT_OK
 
 
-def run_role(settings: Settings, args: argparse.Namespace) -> int:
+def run_role(settings: Settings, args: argparse.Namespace, path: Path | None) -> int:
     """Run `serve` or `worker` between the audit trail's start and stop records.
 
-    The start record names the configuration file and its SHA-256, never its contents (it may
-    hold secrets). One-shot commands (status, echo, ...) keep no audit trail.
+    The start record names the configuration file `path` (None: the built-in defaults) and
+    its SHA-256, never its contents (it may hold secrets). One-shot commands (status, echo,
+    ...) keep no audit trail.
     """
     role: str = args.command
     audit.configure_audit(settings)
-    path: Path | None = args.config
     audit.config_loaded(path, audit.file_digest(path) if path else None, role=role)
     code, reason = EXIT_FAILURE, None
     try:
