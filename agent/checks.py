@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.cli_exits import EXIT_FAILURE, EXIT_OK
 from agent.db.database import Database
@@ -91,6 +92,10 @@ def cmd_check_config(settings: Settings, source: ConfigSource) -> int:
                 conn.execute(text("SELECT 1"))
                 if not inspect(conn).has_table("study"):
                     return "no tables yet; `serve` creates them"
+        except SQLAlchemyError as exc:  # the driver's own words, first line only
+            raise AgentError(
+                str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            ) from exc
         finally:
             db.dispose()
         return None
