@@ -104,7 +104,11 @@ def test_worker_refuses_the_in_memory_broker(tmp_path: Path) -> None:
 
 
 def test_status_without_studies(tmp_path: Path) -> None:
+    from tests.support.agent import agent_database
+
     config = write_config(tmp_path, port=free_port())
+    with agent_database(config) as db:
+        db.create_schema()  # as `serve` leaves it
     result = cli("status", "--config", str(config))
     assert result.returncode == 0 and result.stdout.strip() == "no studies yet"
 
@@ -332,12 +336,12 @@ def test_read_only_commands_create_nothing_and_say_where_they_looked(tmp_path: P
     assert list(here.iterdir()) == []
 
 
-def test_a_database_without_the_agents_tables_is_named_not_filled(database_url: str) -> None:
+def test_a_database_without_the_agents_tables_is_named_not_filled(
+    database_url: str, tmp_path: Path
+) -> None:
     from agent.db.existing import display_url
 
-    config = write_config(
-        Path(__import__("tempfile").mkdtemp()), port=free_port(), database_url=database_url
-    )
+    config = write_config(tmp_path, port=free_port(), database_url=database_url)
     result = cli("status", "--config", str(config))
     assert result.returncode == 1
     shown = display_url(database_url)
