@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,12 +145,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except BrokenPipeError:
+        if not _reader_gone():
+            raise  # a socket's, not ours to hide
         # The reader has gone (`pacs-agent status | head`): end quietly, and keep the
         # interpreter's own last flush of stdout from failing in its turn.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_OK
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe that its reader has closed: poll(2) reports an error on the
+    writing end of a pipe without readers."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout, or one without a descriptor
+        return False
 
 
 def _run(args: argparse.Namespace) -> int:
