@@ -175,7 +175,12 @@ def _run(args: argparse.Namespace) -> int:
                 f"`{_command_name(args)}` needs a configuration file: give --config, set "
                 f"{ENV_VAR} or install {SYSTEM_CONFIG}"
             )
-        settings = load_settings(source.path)
+        try:
+            settings = load_settings(source.path)
+        except ConfigError as exc:
+            if source.via != ENV_VAR:
+                raise
+            raise ConfigError(f"{exc} (the file ${ENV_VAR} names)") from exc
         configure_logging(settings.logging.level, settings.logging.format)
         if args.command not in ("serve", "worker"):
             # One-shot commands answer in one line; pynetdicom's own error lines would repeat it.

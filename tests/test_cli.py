@@ -311,7 +311,17 @@ def test_the_configuration_is_taken_from_the_environment_variable(tmp_path: Path
     # --config comes first; a variable naming no file is an error, not the defaults.
     assert cli("status", "--config", str(config), env=env).returncode == 1
     absent = cli("status", env={"PACS_AGENT_CONFIG": str(tmp_path / "absent.toml")})
-    assert absent.returncode == 2 and "absent.toml" in absent.stderr
+    assert absent.returncode == 2
+    assert absent.stderr.strip() == (
+        f"pacs-agent: configuration error: {tmp_path / 'absent.toml'}: cannot read "
+        "configuration file: No such file or directory (the file $PACS_AGENT_CONFIG names)"
+    )
+    # A command acting on the service's database needs a file: the defaults are no service's.
+    bare = cli("echo", "pacs0", cwd=tmp_path)
+    assert bare.returncode == 2
+    assert "`echo` needs a configuration file: give --config, set PACS_AGENT_CONFIG" in bare.stderr
+    found = cli("echo", "pacs0", env=env)  # the file is found; it has no destination
+    assert found.returncode == 2 and "no destination named 'pacs0'" in found.stderr
 
 
 def test_read_only_commands_create_nothing_and_say_where_they_looked(tmp_path: Path) -> None:
