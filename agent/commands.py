@@ -97,8 +97,7 @@ def cmd_retry(settings: Settings, key: str | None, all_failed: bool) -> int:
     from agent.db.deliveries import Deliveries
     from agent.db.states import State
 
-    db = Database(settings.database_url)
-    db.create_schema()
+    db = open_existing(settings.database_url)  # nothing to retry in a database made now
     layout = SpoolLayout(settings.spool.path)
     try:
         if all_failed:

@@ -171,6 +171,10 @@ def test_retry_assembles_a_skipped_study_again_and_names_unknown_keys(tmp_path: 
     nothing = cli("retry", "--all-failed", "--config", str(config))
     assert nothing.returncode == 0 and nothing.stdout.strip() == "no failed studies"
     db.dispose()
+    elsewhere = write_config(tmp_path / "other", port=free_port())
+    none = cli("retry", "--all-failed", "--config", str(elsewhere))
+    assert none.returncode == 1 and "no database at sqlite:///" in none.stderr
+    assert not (tmp_path / "other" / "pacs-agent.db").exists()
 
 
 def test_check_config_and_echo_ask_a_dicomweb_destination_by_qido(
