@@ -34,8 +34,6 @@ from agent.roles import run_role
 from agent.settings import ModelState, Settings, load_settings
 from agent.settings.locate import ENV_VAR, SYSTEM_CONFIG, ConfigSource, locate_config
 
-log = logging.getLogger(__name__)
-
 # `pacs-agent models VERB NAME`: run-time switches, kept in the database, read without restart.
 SWITCHES = {
     "on": "run a model again (an override of its configured state)",
@@ -207,8 +205,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dispatch(settings: Settings, args: argparse.Namespace, source: ConfigSource) -> int:
     if args.command in ("serve", "worker"):
-        log.info("configuration: %s", source.describe())
-        return run_role(settings, args, source.path)
+        return run_role(settings, args, source)
     if args.command == "status":
         if args.follow:
             return cmd_follow(settings, args.study)

@@ -443,9 +443,9 @@ def test_serve_says_in_one_line_what_it_started_and_warns_without_destinations(
     with AgentProcess(config, "serve") as agent:
         agent.wait_log("started: ")
         log = agent.log_path.read_text()
-    assert f"configuration: {config}" in log
     assert "no [[destinations]] configured: results are kept in the outbox" in log
     [line] = [line for line in log.splitlines() if "started: " in line]
-    assert f"receiver PACS_AGENT on 127.0.0.1:{port}, web on 127.0.0.1:" in line
+    assert f"started: configuration {config}; receiver PACS_AGENT on 127.0.0.1:{port}, " in line
+    assert ", web on 127.0.0.1:" in line
     assert "models ct-tissue on cpu" in line or "models ct-tissue on cuda" in line
     assert line.rstrip().endswith("destinations none")
