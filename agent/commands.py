@@ -1,4 +1,5 @@
-"""The one-shot commands: status, retry, submit, rules test, models, check-config, echo.
+"""The one-shot commands: status, retry, submit, rules test, models (check-config and echo:
+agent.checks).
 
 Each answers in a few lines on stdout, or raises an AgentError the CLI turns into one line.
 """
@@ -8,20 +9,17 @@ from __future__ import annotations
 import getpass
 import logging
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-
-from sqlalchemy import text
 
 from agent import audit
 from agent.cli_exits import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from agent.db.database import Database
+from agent.db.existing import NoDatabase, open_existing
 from agent.domain import Manifest
-from agent.errors import AgentError, ConfigError
-from agent.settings import DestinationSettings, ModelSettings, ModelState, Settings
+from agent.errors import AgentError
+from agent.settings import ModelSettings, ModelState, Settings
 from agent.spool.layout import SpoolLayout
-from agent.spool.writer import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +27,7 @@ log = logging.getLogger(__name__)
 def cmd_status(settings: Settings, limit: int, *, failed: bool = False) -> int:
     from agent.db.states import State
 
-    db = Database(settings.database_url)
-    db.create_schema()
+    db = open_existing(settings.database_url)
     try:
         rows = (
             [db.status(st) for st in db.in_states([State.FAILED])] if failed else db.recent(limit)
@@ -48,19 +45,18 @@ def cmd_status(settings: Settings, limit: int, *, failed: bool = False) -> int:
 
 def cmd_study(settings: Settings, key: str) -> int:
     """One study in detail: its stages, every series stored with what each was used for, and
-    each destination's answer for each result object."""
+    each destination's answer for each result object. `key` may also be the study's Study
+    Instance UID or accession number."""
     from pydicom.uid import UID
 
     from agent.db.deliveries import Deliveries
+    from agent.db.lookup import find_study
     from agent.export.dimse import describe_status
     from agent.export.outbox import object_name
 
-    db = Database(settings.database_url)
-    db.create_schema()
+    db = open_existing(settings.database_url)
     try:
-        study = db.by_key(key)
-        if study is None:
-            raise AgentError(f"no single study with key {key!r} (give at least 6 characters)")
+        study = find_study(db, key)
         row = db.status(study)
         contents = db.series_contents(study.id)
         deliveries = Deliveries(db).of_job(study.job_id) if study.job_id else []
@@ -100,8 +96,7 @@ def cmd_retry(settings: Settings, key: str | None, all_failed: bool) -> int:
     from agent.db.deliveries import Deliveries
     from agent.db.states import State
 
-    db = Database(settings.database_url)
-    db.create_schema()
+    db = open_existing(settings.database_url)  # nothing to retry in a database made now
     layout = SpoolLayout(settings.spool.path)
     try:
         if all_failed:
@@ -211,12 +206,17 @@ def _state_notes(settings: Settings) -> dict[str, str]:
     run time, "; state off (switched at run time; configured on)"."""
     from agent.db.switches import ModelSwitches
 
-    db = Database(settings.database_url)
-    db.create_schema()
     try:
-        overrides = ModelSwitches(db).overrides()
-    finally:
-        db.dispose()
+        db = open_existing(settings.database_url)
+    except NoDatabase as exc:
+        # Before the service's first start: no switch can have been set yet.
+        print(f"pacs-agent: {exc}: states as configured", file=sys.stderr)
+        overrides = {}
+    else:
+        try:
+            overrides = ModelSwitches(db).overrides()
+        finally:
+            db.dispose()
     return {
         m.name: (
             f"; state {overrides[m.name]} (switched at run time; configured {m.state})"
@@ -311,113 +311,3 @@ def cmd_models_check(path: Path) -> int:
     if manifest.weights.format == "torchscript":
         print("note        torch deprecates TorchScript: prefer a torch.export program (.pt2)")
     return EXIT_OK
-
-
-def _check(name: str, action: object) -> bool:
-    try:
-        action()  # type: ignore[operator]
-    except Exception as exc:  # the CLI boundary: report, do not crash
-        print(f"FAIL  {name}: {exc}")
-        return False
-    print(f"ok    {name}")
-    return True
-
-
-def cmd_check_config(settings: Settings) -> int:
-    from agent.inference.registry import get_model
-
-    layout = SpoolLayout(settings.spool.path)
-
-    def spool() -> None:
-        layout.create()
-        probe = layout.tmp / f"probe-{uuid.uuid4().hex}"
-        write_atomic(probe, [b"probe"], layout.tmp)
-        probe.unlink()
-
-    def database() -> None:
-        db = Database(settings.database_url)
-        try:
-            with db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        finally:
-            db.dispose()
-
-    def broker() -> None:
-        if settings.queue.embedded:
-            return
-        from celery import Celery
-
-        app = Celery("pacs_agent_check", broker=settings.queue.broker_url, set_as_current=False)
-        with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=5)
-
-    def receiver_tls() -> None:
-        from agent.tls import server_context
-
-        if settings.receiver.tls is not None:
-            server_context(settings.receiver.tls)
-
-    def web_port() -> None:
-        from agent.tls import server_context
-        from agent.web.auth import Authenticator
-
-        if settings.web.tls is not None:
-            server_context(settings.web.tls)
-        Authenticator.from_settings(settings.web)
-
-    results = [
-        _check(f"spool {settings.spool.path}", spool),
-        _check("database", database),
-        _check(f"broker {settings.queue.broker_url.split('://')[0]}://", broker),
-    ]
-    if settings.receiver.tls is not None:
-        results.append(_check("receiver TLS certificate, key and CA", receiver_tls))
-    if settings.web.enabled:
-        results.append(_check("web port certificate, key, tokens and passwords", web_port))
-    for model in settings.models:
-        # Loads the package as a worker would (manifest, SHA-256, network); runs nothing.
-        results.append(
-            _check(
-                f"model {model.name}",
-                lambda m=model: get_model(m.name, m.package, m.precision),
-            )
-        )
-    for dest in settings.destinations:
-        results.append(
-            _check(
-                f"destination {dest.name} ({_where(dest)}) {_probe_name(dest)}",
-                lambda d=dest: _probe(d, settings.receiver.ae_title),
-            )
-        )
-    return EXIT_OK if all(results) else EXIT_FAILURE
-
-
-def cmd_echo(settings: Settings, name: str) -> int:
-
-    dest = next((d for d in settings.destinations if d.name == name), None)
-    if dest is None:
-        known = ", ".join(d.name for d in settings.destinations) or "none configured"
-        raise ConfigError(f"no destination named {name!r} (known: {known})")
-    _probe(dest, settings.receiver.ae_title)
-    print(f"{_probe_name(dest)} {dest.name} ({_where(dest)}): success")
-    return EXIT_OK
-
-
-def _where(dest: DestinationSettings) -> str:
-    if dest.kind == "dicomweb":
-        return dest.url or ""
-    return f"{dest.ae_title}@{dest.host}:{dest.port}"
-
-
-def _probe_name(dest: DestinationSettings) -> str:
-    return "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
-
-
-def _probe(dest: DestinationSettings, calling_ae: str) -> None:
-    """C-ECHO a DICOM peer; ask a DICOMweb server for one study (reachable, credentials good)."""
-    from agent.export import dimse, stow
-
-    if dest.kind == "dicomweb":
-        stow.check(dest)
-    else:
-        dimse.echo(dest, calling_ae)

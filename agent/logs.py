@@ -23,6 +23,14 @@ def study_key(study_uid: str) -> str:
     return hashlib.sha256(study_uid.encode("ascii", "replace")).hexdigest()[:16]
 
 
+def accession_digest(accession_number: str) -> str:
+    """The SHA-256 of an AccessionNumber as the database keeps it ("" for none): `status`
+    finds a study by the number a person knows, and no number is stored to be shown. (A
+    digest of so short a number is a lookup key, not an anonymisation.)"""
+    value = accession_number.strip(" \0")
+    return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest() if value else ""
+
+
 def instance_key(path: Path) -> str:
     """A short, stable name for one file, e.g. "instance 3f2a9c1b0d4e": a spooled file is
     named by its SOP Instance UID, which a reason or a log line never shows."""

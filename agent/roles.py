@@ -10,7 +10,6 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from agent import audit
 from agent.db.database import Database
 from agent.errors import AgentError, ConfigError
 from agent.settings import Settings
+from agent.settings.locate import ConfigSource
 from agent.spool.layout import SpoolLayout
 
 if TYPE_CHECKING:  # the heavy modules (torch, highdicom, celery) load only for the roles using them
@@ -70,7 +70,7 @@ def _warm_decoders() -> None:
     warm_pool()
 
 
-def cmd_serve(settings: Settings) -> int:
+def cmd_serve(settings: Settings, config: str = "built-in defaults") -> int:
     from agent.assembly.assembler import Assembler
     from agent.assembly.policy import SystemClock
     from agent.inference.registry import preload, with_package_rules
@@ -121,9 +121,11 @@ def cmd_serve(settings: Settings) -> int:
         if settings.queue.embedded:
             log.info("embedded worker on the in-memory broker")
             _warm_decoders()  # the receiver is already listening
-            preload(settings.models)
+            devices = preload(settings.models)
+            _started(settings, config, server.server_address[1], web, devices)
             _run_worker(app, settings, consumed_queues("all"), "serve")
         else:
+            _started(settings, config, server.server_address[1], web, None)
             _wait_for_signal()
     finally:
         for poller in pollers:
@@ -136,6 +138,38 @@ def cmd_serve(settings: Settings) -> int:
         ctx.db.dispose()
         log.info("stopped")
     return EXIT_OK
+
+
+def _started(
+    settings: Settings,
+    config: str,
+    port: int,
+    web: WebServer | None,
+    devices: dict[str, str] | None,
+) -> None:
+    """The end of the start-up, in one line: the configuration it read, where it listens,
+    which model runs where (None: on separate workers), where results go; and a warning
+    when they go nowhere. (A start that fails says only why, in one line.)"""
+    if not settings.destinations:
+        log.warning(
+            "no [[destinations]] configured: results are kept in the outbox and sent nowhere"
+        )
+    listening = f"receiver {settings.receiver.ae_title} on {settings.receiver.host}:{port}"
+    if web is not None:
+        listening += f", web on {settings.web.host}:{web.port}"
+    names = [m.name for m in settings.models]
+    if devices is None:
+        models = ", ".join(names) + " (run by separate workers)"
+    else:
+        models = ", ".join(f"{name} on {devices.get(name, 'not loaded')}" for name in names)
+    sent = ", ".join(d.name for d in settings.destinations) or "none"
+    log.info(
+        "started: configuration %s; %s; models %s; destinations %s",
+        config,
+        listening,
+        models,
+        sent,
+    )
 
 
 def _start_web(
@@ -190,7 +224,7 @@ def with_device(settings: Settings, device: str | None) -> Settings:
     return settings.model_copy(update={"models": models})
 
 
-def cmd_worker(settings: Settings, queue: str, device: str | None = None) -> int:
+def cmd_worker(settings: Settings, queue: str, device: str | None = None, config: str = "") -> int:
     if settings.queue.embedded:
         raise ConfigError(
             "[queue] broker_url is memory://: the in-memory broker only works inside "
@@ -208,26 +242,29 @@ def cmd_worker(settings: Settings, queue: str, device: str | None = None) -> int
 
         _warm_decoders()
         preload(settings.models)
+    log.info("configuration: %s", config)
     _run_worker(app, settings, queues, f"worker-{queue}")
     return EXIT_OK
 
 
-def run_role(settings: Settings, args: argparse.Namespace) -> int:
+def run_role(settings: Settings, args: argparse.Namespace, source: ConfigSource) -> int:
     """Run `serve` or `worker` between the audit trail's start and stop records.
 
-    The start record names the configuration file and its SHA-256, never its contents (it may
-    hold secrets). One-shot commands (status, echo, ...) keep no audit trail.
+    The start record names the configuration file (none: the built-in defaults) and its
+    SHA-256, never its contents (it may hold secrets). One-shot commands (status, echo, ...)
+    keep no audit trail.
     """
     role: str = args.command
+    path = source.path
+    config = source.describe()
     audit.configure_audit(settings)
-    path: Path | None = args.config
     audit.config_loaded(path, audit.file_digest(path) if path else None, role=role)
     code, reason = EXIT_FAILURE, None
     try:
         code = (
-            cmd_serve(settings)
+            cmd_serve(settings, config)
             if role == "serve"
-            else cmd_worker(settings, args.queue, args.device)
+            else cmd_worker(settings, args.queue, args.device, config)
         )
     except AgentError as exc:
         reason = str(exc)

@@ -104,7 +104,11 @@ def test_worker_refuses_the_in_memory_broker(tmp_path: Path) -> None:
 
 
 def test_status_without_studies(tmp_path: Path) -> None:
+    from tests.support.agent import agent_database
+
     config = write_config(tmp_path, port=free_port())
+    with agent_database(config) as db:
+        db.create_schema()  # as `serve` leaves it
     result = cli("status", "--config", str(config))
     assert result.returncode == 0 and result.stdout.strip() == "no studies yet"
 
@@ -167,6 +171,10 @@ def test_retry_assembles_a_skipped_study_again_and_names_unknown_keys(tmp_path: 
     nothing = cli("retry", "--all-failed", "--config", str(config))
     assert nothing.returncode == 0 and nothing.stdout.strip() == "no failed studies"
     db.dispose()
+    elsewhere = write_config(tmp_path / "other", port=free_port())
+    none = cli("retry", "--all-failed", "--config", str(elsewhere))
+    assert none.returncode == 1 and "no database at sqlite:///" in none.stderr
+    assert not (tmp_path / "other" / "pacs-agent.db").exists()
 
 
 def test_check_config_and_echo_ask_a_dicomweb_destination_by_qido(
@@ -286,3 +294,160 @@ def test_models_are_switched_at_run_time_and_listed_with_their_state(
     )
     # Without --config the switch would go to some other database and do nothing.
     assert cli("models", "off", "ct-tissue").returncode == 2
+
+
+def test_version() -> None:
+    from agent import __version__
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"pacs-agent {__version__}"
+
+
+def test_the_configuration_is_taken_from_the_environment_variable(tmp_path: Path) -> None:
+    config = write_config(tmp_path, port=free_port())
+    env = {"PACS_AGENT_CONFIG": str(config)}
+    checked = cli("check-config", env=env)
+    assert checked.stdout.splitlines()[0] == f"ok    configuration: {config}"
+    database = tmp_path / "pacs-agent.db"  # beside the file's spool, so from that file
+    result = cli("status", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"pacs-agent: no database at sqlite:///{database} (configuration: {config})"
+    )
+    # --config comes first; a variable naming no file is an error, not the defaults.
+    assert cli("status", "--config", str(config), env=env).returncode == 1
+    absent = cli("status", env={"PACS_AGENT_CONFIG": str(tmp_path / "absent.toml")})
+    assert absent.returncode == 2
+    assert absent.stderr.strip() == (
+        f"pacs-agent: configuration error: {tmp_path / 'absent.toml'}: cannot read "
+        "configuration file: No such file or directory (the file $PACS_AGENT_CONFIG names)"
+    )
+    # A command acting on the service's database needs a file: the defaults are no service's.
+    bare = cli("echo", "pacs0", cwd=tmp_path)
+    assert bare.returncode == 2
+    assert "`echo` needs a configuration file: give --config, set PACS_AGENT_CONFIG" in bare.stderr
+    found = cli("echo", "pacs0", env=env)  # the file is found; it has no destination
+    assert found.returncode == 2 and "no destination named 'pacs0'" in found.stderr
+
+
+def test_read_only_commands_create_nothing_and_say_where_they_looked(tmp_path: Path) -> None:
+    here = tmp_path / "empty"
+    here.mkdir()
+    database = here / "pacs-agent-data" / "pacs-agent.db"
+    status = cli("status", cwd=here)
+    assert status.returncode == 1
+    assert status.stderr.strip() == (
+        f"pacs-agent: no database at sqlite:///{database} (configuration: built-in defaults)"
+    )
+    study = cli("status", "1.2.3.4", cwd=here)
+    assert study.returncode == 1 and "no database at" in study.stderr
+    models = cli("models", "list", cwd=here)
+    assert models.returncode == 0 and models.stdout.startswith("ok    ct-tissue: built-in")
+    assert "no database at" in models.stderr and "states as configured" in models.stderr
+    rules = cli("rules", "test", str(here), cwd=here)
+    assert rules.returncode == 0, rules.stderr
+    checked = cli("check-config", cwd=here)
+    assert f"ok    database sqlite:///{database}: does not exist yet" in checked.stdout
+    assert "ok    spool " in checked.stdout and "does not exist yet" in checked.stdout
+    assert list(here.iterdir()) == []
+
+
+def test_a_database_without_the_agents_tables_is_named_not_filled(
+    database_url: str, tmp_path: Path
+) -> None:
+    from agent.db.existing import display_url
+
+    config = write_config(tmp_path, port=free_port(), database_url=database_url)
+    result = cli("status", "--config", str(config))
+    assert result.returncode == 1
+    shown = display_url(database_url)
+    if database_url.startswith("sqlite"):
+        assert f"no database at {shown}" in result.stderr
+    else:
+        assert f"no pacs-agent tables in the database {shown}" in result.stderr
+        from sqlalchemy import create_engine, inspect
+
+        engine = create_engine(database_url)
+        try:
+            assert not inspect(engine).has_table("study")
+        finally:
+            engine.dispose()
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, port=free_port())
+    from agent.db.database import Database
+    from agent.settings import load_settings
+
+    db = Database(load_settings(config).database_url)
+    db.create_schema()
+    db.dispose()
+    # As `pacs-agent status | head -0`: the reading end is closed before anything is written.
+    with subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "status", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(60) == 0
+    assert stderr == ""
+
+
+def test_status_finds_a_study_by_its_uid_or_accession_number_and_never_repeats_them(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    from agent.db.database import Database
+    from agent.db.values import ArrivedInstance
+    from agent.logs import accession_digest
+    from agent.settings import load_settings
+
+    config = write_config(tmp_path, port=free_port())
+    db = Database(load_settings(config).database_url)
+    db.create_schema()
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    arrival = ArrivedInstance(
+        uid,
+        uid + ".1",
+        uid + ".1.1",
+        "1.2.840.10008.5.1.4.1.1.2",
+        tmp_path / "x.dcm",
+        datetime.now(UTC),
+        accession_hash=accession_digest("RAD-0042"),
+    )
+    [key] = db.record_arrivals([arrival])
+    db.dispose()
+    for given in (key, key[:8], uid, "RAD-0042"):
+        result = cli("status", given, "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[:2] == [key, "receiving"]
+        assert uid not in result.stdout and "RAD-0042" not in result.stdout
+    unknown = cli("status", "RAD-0043", "--config", str(config))
+    assert unknown.returncode == 1
+    assert "RAD-0043" not in unknown.stderr and "no study has that key" in unknown.stderr
+
+
+def test_serve_says_in_one_line_what_it_started_and_warns_without_destinations(
+    tmp_path: Path,
+) -> None:
+    from tests.support.agent import AgentProcess
+
+    port = free_port()
+    config = write_config(tmp_path, port=port)
+    with AgentProcess(config, "serve") as agent:
+        agent.wait_log("started: ")
+        log = agent.log_path.read_text()
+    assert "no [[destinations]] configured: results are kept in the outbox" in log
+    [line] = [line for line in log.splitlines() if "started: " in line]
+    assert f"started: configuration {config}; receiver PACS_AGENT on 127.0.0.1:{port}, " in line
+    assert ", web on 127.0.0.1:" in line
+    assert "models ct-tissue on cpu" in line or "models ct-tissue on cuda" in line
+    assert line.rstrip().endswith("destinations none")

@@ -160,10 +160,14 @@ def test_schema_of_an_older_version_gains_the_new_columns(database_url: str) -> 
         db.create_schema()
         db.create_schema()  # a second start changes nothing
         columns = {c["name"] for c in inspect(db.engine).get_columns("study")}
-        assert {"revision", "input_digest", "done_digest"} <= columns
+        assert {"revision", "input_digest", "done_digest", "accession_hash"} <= columns
+        # A new column's index comes with it: `status` looks studies up by accession.
+        indexes = {ix["name"] for ix in inspect(db.engine).get_indexes("study")}
+        assert "ix_study_accession_hash" in indexes
         study = db.get("1.2.3")
         assert study is not None
         assert (study.revision, study.input_digest, study.done_digest) == (0, "", "")
+        assert study.accession_hash == ""
     finally:
         db.dispose()
 
@@ -255,3 +259,46 @@ def test_instances_of_an_older_version_gain_an_empty_digest(database_url: str) -
         assert db.instance_digests(study.id) == {Path("/s/1.1"): ""}
     finally:
         db.dispose()
+
+
+def test_the_accession_digest_is_kept_from_the_first_instance_that_has_one(db: Database) -> None:
+    from dataclasses import replace
+
+    from agent.logs import accession_digest
+
+    db.record_arrivals([_arrival("1.1")])  # no AccessionNumber (Type 2, may be empty)
+    study = db.get(STUDY)
+    assert study is not None and study.accession_hash == ""
+    db.record_arrivals([replace(_arrival("1.2"), accession_hash=accession_digest("A17 "))])
+    db.record_arrivals([replace(_arrival("1.3"), accession_hash=accession_digest("B99"))])
+    study = db.get(STUDY)
+    assert study is not None
+    assert study.accession_hash == accession_digest("A17") != ""
+    assert "A17" not in study.accession_hash
+
+
+def test_a_study_is_found_by_key_uid_or_accession_and_never_named_back(db: Database) -> None:
+    from dataclasses import replace
+
+    from agent.db.lookup import StudyNotFound, find_study
+    from agent.logs import accession_digest
+
+    other = STUDY + "9"
+    db.record_arrivals(
+        [
+            replace(_arrival("1.1"), accession_hash=accession_digest("ACC42")),
+            replace(_arrival("2.1", study=other), accession_hash=accession_digest("SHARED")),
+            replace(_arrival("3.1", study=STUDY + "8"), accession_hash=accession_digest("SHARED")),
+        ]
+    )
+    key = study_key(STUDY)
+    for given in (key, key[:6], STUDY, "ACC42", f" {STUDY} "):
+        assert find_study(db, given).study_uid == STUDY, given
+    with pytest.raises(StudyNotFound) as none:
+        find_study(db, "1.2.3.4.5")
+    assert "1.2.3.4.5" not in str(none.value)
+    with pytest.raises(StudyNotFound) as several:
+        find_study(db, "SHARED")
+    message = str(several.value)
+    assert message.startswith("2 studies match: ") and study_key(other) in message
+    assert "SHARED" not in message

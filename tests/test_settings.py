@@ -254,3 +254,21 @@ def test_called_ae_titles() -> None:
 
     receiver = ReceiverSettings(ae_title="PACS_AGENT", accepted_called_ae_titles=("AI_SEG",))
     assert receiver.called_ae_titles == ("PACS_AGENT", "AI_SEG")
+
+
+def test_the_configuration_is_found_by_flag_then_variable_then_system_file(
+    tmp_path: Path,
+) -> None:
+    from agent.settings.locate import ENV_VAR, locate_config
+
+    flag, named, system = tmp_path / "flag.toml", tmp_path / "named.toml", tmp_path / "sys.toml"
+    env = {ENV_VAR: str(named)}
+    assert locate_config(flag, env, system).path == flag
+    assert locate_config(None, env, system).path == named
+    # The system file only when it exists; else the built-in defaults, said as such.
+    assert locate_config(None, {ENV_VAR: ""}, system).describe() == "built-in defaults"
+    system.write_text("")
+    assert locate_config(None, {}, system).path == system
+    assert locate_config(None, {}, system).describe() == str(system)
+    # A file named by the variable need not exist to be chosen: loading it then says so.
+    assert locate_config(None, {ENV_VAR: str(tmp_path / "absent.toml")}, system).via == ENV_VAR

@@ -108,6 +108,10 @@ class Database:
                     # it, so the study reopened below is processed again, not "unchanged".
                     row.digest = batch[sop].digest
                 study.instance_count += len(fresh)
+                if not study.accession_hash:
+                    study.accession_hash = next(
+                        (a.accession_hash for a in batch.values() if a.accession_hash), ""
+                    )
                 latest = max(a.received_at for a in batch.values())
                 study.last_arrival = max(as_utc(study.last_arrival), latest)
                 if study.state != State.RECEIVING:

@@ -72,6 +72,11 @@ class Study(Base):
     interrupted_at: Mapped[datetime] = mapped_column(
         UtcDateTime(), default=NEVER_PURGED, server_default="1970-01-01 00:00:00+00:00"
     )
+    # agent.logs.accession_digest of the study's AccessionNumber, from its first instance
+    # that has one; "" until then. `status` looks a study up by it.
+    accession_hash: Mapped[str] = mapped_column(
+        String(64), default="", server_default="", index=True
+    )
 
 
 class Instance(Base):
@@ -220,13 +225,15 @@ def create_schema(engine: Engine) -> None:
 
 
 def _add_missing_columns(conn: Connection) -> None:
-    """Add columns that a newer version defines to tables an older version created.
+    """Add columns (and their indexes) that a newer version defines to tables an older
+    version created.
 
     Only additive changes are made this way; each new column has a server default.
     """
     present = inspect(conn)
     for table in Base.metadata.sorted_tables:
         existing = {c["name"] for c in present.get_columns(table.name)}
+        indexed = {ix["name"] for ix in present.get_indexes(table.name)}
         for column in table.columns:
             if column.name in existing:
                 continue
@@ -238,3 +245,6 @@ def _add_missing_columns(conn: Connection) -> None:
             conn.execute(
                 text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} NOT NULL{clause}")
             )
+        for index in table.indexes:
+            if index.name not in indexed:
+                index.create(conn)

@@ -33,6 +33,8 @@ class ArrivedInstance:
     # SHA-256 of the dataset after its file meta group (agent.spool.digest): a re-send with
     # other content under the same SOP Instance UID is a different input. Empty: not known.
     digest: str = ""
+    # agent.logs.accession_digest of its AccessionNumber; "" for none.
+    accession_hash: str = ""
 
 
 @dataclass(frozen=True)

@@ -72,20 +72,27 @@ def with_package_rules(models: Sequence[ModelSettings]) -> tuple[ModelSettings, 
     return tuple(out)
 
 
-def preload(models: Sequence[ModelSettings]) -> None:
+def preload(models: Sequence[ModelSettings]) -> dict[str, str]:
     """Load every configured model and put its network on its device now, so that the first
-    study does not wait for it and a broken package stops the worker at start, by name."""
+    study does not wait for it and a broken package stops the worker at start, by name.
+
+    Returns where each model is, by name: its device, or "not loaded" when its device is
+    not here."""
+    where = {}
     for entry in models:
         try:
             model = get_model(entry.name, entry.package, entry.precision)
             device = resolve_device(entry.device, entry.name)
         except RetryableError as exc:  # no such GPU here: the worker still runs (and retries)
             log.warning("model %s not preloaded: %s", entry.name, exc)
+            where[entry.name] = "not loaded"
             continue
         except PermanentError as exc:
             raise ConfigError(f"[[models]] {entry.name}: {exc}") from exc
         model.network_on(device)
         log.info("model %s ready on %s", entry.name, device)
+        where[entry.name] = str(device)
+    return where
 
 
 def get_model(name: str, package: Path | None = None, precision: str = "package") -> PackagedModel:

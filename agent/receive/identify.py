@@ -30,10 +30,11 @@ class Identifiers:
     sop_uid: str
     study_uid: str
     series_uid: str
+    accession_number: str = ""  # "" for none; never logged, kept only as a digest
 
 
-# SOP Class UID, SOP Instance UID, Study Instance UID, Series Instance UID.
-_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+# SOP Class UID, SOP Instance UID, Study Instance UID, Series Instance UID, Accession Number.
+_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00080050)
 
 
 def _raw_text(ds: Dataset, tag: int) -> str:

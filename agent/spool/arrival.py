@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.db.values import ArrivedInstance
-from agent.logs import log_context, study_key
+from agent.logs import accession_digest, log_context, study_key
 from agent.spool.digest import dataset_digest
 from agent.spool.layout import SpoolLayout
 
@@ -56,6 +56,8 @@ class InstanceIds(Protocol):
     def study_uid(self) -> str: ...
     @property
     def series_uid(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
 
 
 def stored_elsewhere(layout: SpoolLayout, ids: InstanceIds) -> Path | None:
@@ -115,6 +117,7 @@ def admit(
                 path=path,
                 received_at=datetime.now(UTC),
                 digest=digest,
+                accession_hash=accession_digest(ids.accession_number),
             )
         )
     return None

@@ -11,7 +11,7 @@ from agent.db.values import ArrivedInstance
 from agent.dicom.files import DEFAULT_MAX_BYTES, read_header
 from agent.dicom.inflate import InflatedTooLarge
 from agent.errors import PermanentError
-from agent.logs import instance_key
+from agent.logs import accession_digest, instance_key
 from agent.spool.arrival import IN_ANOTHER_SERIES
 from agent.spool.digest import dataset_digest
 from agent.spool.layout import SpoolLayout
@@ -60,6 +60,7 @@ def unknown_instances(
             path=path,
             received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
             digest=digest,
+            accession_hash=accession_digest(str(ds.get("AccessionNumber") or "")),
         )
 
 

@@ -265,6 +265,7 @@ class StowService:
             ids.study_uid,
             ids.series_uid,
             spooled=part.path,
+            accession_number=ids.accession_number,
         )
 
     @staticmethod

@@ -24,6 +24,7 @@ class Result:
     series_uid: str = ""
     reason: str = ""
     spooled: Path | None = None  # the synced temp file of an instance to be stored
+    accession_number: str = ""  # never answered nor logged: the study's lookup digest
 
     @property
     def stored(self) -> bool:

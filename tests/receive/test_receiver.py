@@ -392,3 +392,20 @@ def test_an_instance_in_another_series_of_its_study_is_a_named_duplicate(
     # A refused duplicate is not one the sender will send again: the study is not waiting.
     (news,) = _news_for(receiver, 1)
     assert isinstance(news, CleanSend)
+
+
+def test_each_arrival_carries_the_digest_of_its_accession_number(receiver: Receiver) -> None:
+    from agent.logs import accession_digest
+
+    numbered, unnumbered = minimal_ct(), minimal_ct()
+    numbered.AccessionNumber = "RAD-2026-0042"
+    assoc = _associate(receiver.port).associate("127.0.0.1", receiver.port, ae_title="PACS_AGENT")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in (numbered, unnumbered)]
+    assoc.release()
+    assert statuses == [0, 0]
+    by_sop = {a.sop_uid: a.accession_hash for a in receiver.arrivals}
+    assert by_sop == {
+        str(numbered.SOPInstanceUID): accession_digest("RAD-2026-0042"),
+        str(unnumbered.SOPInstanceUID): "",
+    }

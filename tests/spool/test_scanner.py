@@ -185,3 +185,17 @@ def test_the_scan_keeps_a_copy_recorded_before_even_when_it_is_the_newer(
     os.utime(older, (recorded.stat().st_mtime - 10, recorded.stat().st_mtime - 10))
     assert older.parent != recorded.parent
     assert list(unknown_instances(layout, {str(recorded)})) == []
+
+
+def test_the_scan_reads_the_accession_number_into_its_digest(tmp_path: Path) -> None:
+    from agent.logs import accession_digest
+
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.create()
+    ds = minimal_ct()
+    ds.AccessionNumber = "RAD-9"
+    path = layout.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True)
+    ds.save_as(path, enforce_file_format=True)
+    [found] = unknown_instances(layout, set())
+    assert found.accession_hash == accession_digest("RAD-9")

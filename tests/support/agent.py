@@ -74,14 +74,23 @@ def write_config(
     return path
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the pacs-agent CLI to completion."""
+def cli(
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the pacs-agent CLI to completion; `env` is added to this process's environment,
+    from which PACS_AGENT_CONFIG is taken out (a test names its configuration itself)."""
+    environ = {k: v for k, v in os.environ.items() if k != "PACS_AGENT_CONFIG"}
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**environ, **(env or {})},
+        cwd=cwd,
     )
 
 

@@ -402,3 +402,16 @@ def test_an_instance_in_another_series_of_its_study_is_refused_as_a_duplicate(
     assert [a.series_uid for a in agent.arrivals] == [first.SeriesInstanceUID] * 2
     assert len(agent.spooled()) == 1
     assert agent.leftovers() == []
+
+
+def test_an_uploaded_instance_carries_the_digest_of_its_accession_number(
+    agent: WebAgent,
+) -> None:
+    from agent.logs import accession_digest
+
+    [ds] = _study(1)
+    ds.AccessionNumber = "RAD-7"
+    boundary = new_boundary()
+    response = _post(agent.url, multipart([part10(ds)], boundary), boundary=boundary)
+    assert response.status_code == 200, response.text
+    assert [a.accession_hash for a in agent.arrivals] == [accession_digest("RAD-7")]
