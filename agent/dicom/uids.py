@@ -6,8 +6,15 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Literal
 
+from agent import __version__
 from agent.domain import ModelIdentity
+
+# PS3.3 C.8.20.2: how a SEG stores its segments. BINARY has one frame per segment and slice;
+# LABELMAP (Label Map Segmentation Storage) one frame per slice holding segment numbers.
+SegType = Literal["binary", "labelmap"]
 
 # PS3.5 9.1: dot-separated numeric components without leading zeros.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -65,22 +72,43 @@ class OutputUids:
     sr_instance: str
 
 
+def encoder_identity() -> str:
+    """The software that turns a result into bytes: this service, highdicom and pydicom.
+
+    A fix in any of them may change the objects' content, so it enters their SOP Instance
+    UIDs (see `output_uids`).
+    """
+    return (
+        f"pacs-agent {__version__}; highdicom {version('highdicom')}; pydicom {version('pydicom')}"
+    )
+
+
 def output_uids(
     study_uid: str,
     input_sop_uids: Sequence[str],
     model: ModelIdentity,
     contents: Mapping[str, str] | None = None,
+    *,
+    encoder: str | None = None,
+    seg_type: SegType = "binary",
 ) -> OutputUids:
-    """Derive the output UIDs from the study, the set of input instances and the model.
+    """Derive the output UIDs from the study, the set of input instances, the model and the
+    encoder.
 
     Series Instance UIDs derive from (study, model name, kind) only: every run of one model
     on one study, whatever its input or model version, adds to the same result series, where
     the higher Instance Number marks the newest revision (late arrivals, model upgrades).
     SOP Instance UIDs derive from (study, the set of input instances, model name and version,
-    kind): the same inputs give the same UIDs, so a repeat sends identical objects (the PACS
-    sees the same instances again rather than duplicates); a new input instance or a new
-    model version gives new UIDs, because then the content differs and one SOP Instance UID
-    must not name two different objects (PS3.5 9).
+    the model's Device UID, the encoder, kind): the same inputs give the same UIDs, so a
+    repeat sends identical objects (the PACS sees the same instances again rather than
+    duplicates); a new input instance, a new model version, new weights under the same
+    version (the Device UID derives from the weights' SHA-256) or another encoder
+    (`encoder`, by default `encoder_identity()`) gives new UIDs, because then the content
+    may differ and one SOP Instance UID must not name two different objects (PS3.5 9).
+
+    `seg_type` is the SEG's form; a LABELMAP SEG is other content than the BINARY one of the
+    same result, and the SR that references it is another SR: both get other SOP Instance
+    UIDs (the BINARY ones derive without the type), in the same series.
 
     `contents` gives the content digest of input instances by SOP Instance UID: an input
     re-sent with other content under its UID gives new SOP Instance UIDs too. An input whose
@@ -97,9 +125,20 @@ def output_uids(
     def series(kind: str) -> str:
         return derive_uid(study_uid, model.name, f"{kind}-series")
 
+    made_by = encoder_identity() if encoder is None else encoder
+    form = ["labelmap"] if seg_type == "labelmap" else []
+
     def instance(kind: str) -> str:
         return derive_uid(
-            study_uid, *inputs, *digests, model.name, model.version, f"{kind}-instance"
+            study_uid,
+            *inputs,
+            *digests,
+            model.name,
+            model.version,
+            model.device_uid,
+            made_by,
+            f"{kind}-instance",
+            *form,
         )
 
     return OutputUids(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import replace
 
 import pytest
 
-from agent.dicom.uids import OutputUids, derive_uid, output_uids
+from agent.dicom.uids import OutputUids, derive_uid, encoder_identity, output_uids
 from agent.domain import ModelIdentity
 from tests.encode import model
 
@@ -92,13 +93,53 @@ def test_new_model_name_or_study_gives_new_series() -> None:
         assert not set(_all(first)) & set(_all(changed))
 
 
-def test_instance_uids_are_unchanged_by_the_series_rule() -> None:
-    # Objects sent before the series rule changed keep their SOP Instance UIDs on a repeat.
+def test_instance_uids_derive_from_inputs_model_weights_and_encoder() -> None:
     uids = output_uids(STUDY, INPUTS[::-1], model())
     identity = model()
-    parts = (STUDY, *sorted(INPUTS), identity.name, identity.version)
+    parts = (
+        STUDY,
+        *sorted(INPUTS),
+        identity.name,
+        identity.version,
+        identity.device_uid,
+        encoder_identity(),
+    )
     assert uids.seg_instance == derive_uid(*parts, "seg-instance")
     assert uids.sr_instance == derive_uid(*parts, "sr-instance")
+
+
+def test_new_weights_under_the_same_version_give_new_instances_in_the_same_series() -> None:
+    """The Device UID derives from the weights' SHA-256: retrained weights published under an
+    unchanged version string make other content, so other SOP Instance UIDs (PS3.5 9)."""
+    first = output_uids(STUDY, INPUTS, model())
+    retrained = replace(model(), device_uid=derive_uid("other weights"))
+    second = output_uids(STUDY, INPUTS, retrained)
+    assert not set(_instances(first)) & set(_all(second))
+    assert _series(first) == _series(second)
+
+
+def test_another_encoder_gives_new_instances_in_the_same_series() -> None:
+    """A fix in pacs-agent, highdicom or pydicom may change the bytes of the same result."""
+    first = output_uids(STUDY, INPUTS, model())
+    assert output_uids(STUDY, INPUTS, model(), encoder=encoder_identity()) == first
+    for other in ("pacs-agent 9.9.9; highdicom 0.28.2; pydicom 3.0.2", "highdicom 1.0"):
+        second = output_uids(STUDY, INPUTS, model(), encoder=other)
+        assert not set(_instances(first)) & set(_all(second))
+        assert _series(first) == _series(second)
+
+
+def test_encoder_identity_names_the_service_and_its_encoders() -> None:
+    identity = encoder_identity()
+    for name in ("pacs-agent ", "highdicom ", "pydicom "):
+        assert name in identity
+
+
+def test_labelmap_seg_and_its_sr_are_other_instances_in_the_same_series() -> None:
+    binary = output_uids(STUDY, INPUTS, model())
+    assert output_uids(STUDY, INPUTS, model(), seg_type="binary") == binary
+    labelmap = output_uids(STUDY, INPUTS, model(), seg_type="labelmap")
+    assert not set(_instances(binary)) & set(_instances(labelmap))
+    assert _series(binary) == _series(labelmap)
 
 
 def test_output_uids_need_inputs() -> None:
