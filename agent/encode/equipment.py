@@ -91,13 +91,34 @@ def coding_schemes() -> list[CodingSchemeIdentificationItem]:
     ]
 
 
-def creation_timestamp(source: Sequence[Dataset]) -> datetime.datetime:
-    """The content and creation date/time for objects derived from `source`, deterministically.
+def creation_time(
+    created: datetime.datetime | None, source: Sequence[Dataset]
+) -> datetime.datetime:
+    """The Content and Instance Creation Date/Time of an object made from `source`, naive.
 
-    A repeat must give byte-identical objects, so the wall clock is not used. The latest
-    acquisition-side time stamp of the source instances is the earliest moment the result can
-    have been made: per instance, Content Date/Time, else Acquisition, Series, then Study
-    Date/Time. If none parses, a fixed date is used.
+    `created` is when the result was made (IHE AIR, PS3.3 C.7.6.1, C.12.1): the pipeline
+    records the time of its first encoding and passes it on every later one, so a repeat is
+    byte-identical. An aware `created` is written in the source's time zone: the offset of
+    its Timezone Offset From UTC, which our object carries too (PS3.3 C.12.1.1.8: it applies
+    to every date and time of the instance, the study's copied from the source included),
+    else this host's local time, as DICOM dates without an offset are. A naive `created` is
+    taken as it is. None: `creation_timestamp(source)`, for callers with no record.
+    """
+    if created is None:
+        return creation_timestamp(source)
+    if created.tzinfo is None:
+        return created
+    zone = _utc_offset(source[0].get("TimezoneOffsetFromUTC"))
+    local = created.astimezone(zone) if zone is not None else created.astimezone()
+    return local.replace(tzinfo=None)
+
+
+def creation_timestamp(source: Sequence[Dataset]) -> datetime.datetime:
+    """A date/time for objects derived from `source` without a recorded creation time.
+
+    Deterministic: the latest acquisition-side time stamp of the source instances, the
+    earliest moment the result can have been made: per instance, Content Date/Time, else
+    Acquisition, Series, then Study Date/Time. If none parses, a fixed date is used.
     """
     candidates: list[datetime.datetime] = []
     for ds in source:
@@ -124,7 +145,8 @@ def stamp_instance(
     instance.InstanceCreationTime = _tm(when)
     offset = source[0].get("TimezoneOffsetFromUTC")
     if offset:
-        # PS3.3 C.12.1: our times derive from the source's local times, so share its offset.
+        # PS3.3 C.12.1: the study's dates are the source's local ones, and `creation_time`
+        # writes ours in the same zone, so the instance shares the source's offset.
         instance.TimezoneOffsetFromUTC = offset
     for keyword in _RESTORED:
         if keyword in source[0]:
@@ -210,6 +232,18 @@ def _instance_timestamp(ds: Dataset) -> datetime.datetime | None:
     return None
 
 
+def _utc_offset(value: object) -> datetime.timezone | None:
+    """A Timezone Offset From UTC value ("+HHMM" or "-HHMM", PS3.3 C.12.1.1.8), or None."""
+    text = str(value or "").strip()
+    if len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
+        return None
+    hours, minutes = int(text[1:3]), int(text[3:])
+    if hours > 14 or minutes > 59:
+        return None
+    delta = datetime.timedelta(hours=hours, minutes=minutes)
+    return datetime.timezone(-delta if text[0] == "-" else delta)
+
+
 def _parse_date(value: object) -> datetime.date | None:
     if value is None or value == "":
         return None
@@ -264,6 +298,7 @@ __all__ = [
     "content_date",
     "content_time",
     "contributing_equipment",
+    "creation_time",
     "creation_timestamp",
     "highdicom_source",
     "series_description",

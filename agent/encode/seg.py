@@ -1,4 +1,4 @@
-"""Encode model masks as a BINARY DICOM Segmentation in the source study, deterministically."""
+"""Encode model masks as a BINARY or LABELMAP DICOM Segmentation in the source study."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from pydicom import Dataset
 
 from agent.dicom.codes import ARTIFICIAL_INTELLIGENCE, coded
-from agent.dicom.uids import OutputUids, derive_uid
+from agent.dicom.uids import OutputUids, SegType, derive_uid
 from agent.domain import ModelIdentity, SegmentSpec
 from agent.encode import charset, equipment
 from agent.encode.frames import (
@@ -26,6 +26,10 @@ from agent.errors import PermanentError
 # PS3.3 C.8.20.2 Content Label is CS (PS3.5: upper case, digits, space, "_"; at most 16).
 _CONTENT_LABEL = "AI_SEGMENTATION"
 _CONTENT_DESCRIPTION = "AI segmentation - research use, not for diagnosis"
+_SEGMENTATION_TYPES: dict[SegType, hd.seg.SegmentationTypeValues] = {
+    "binary": hd.seg.SegmentationTypeValues.BINARY,
+    "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
+}
 
 
 def build_seg(
@@ -40,6 +44,7 @@ def build_seg(
     series_number: int = 9901,
     disclaimer: str,
     created: datetime.datetime | None = None,
+    seg_type: SegType = "binary",
 ) -> hd.seg.Segmentation:
     """Build the SEG for `masks` (bool, (n_segments, z, y, x)) over the source frames.
 
@@ -49,9 +54,13 @@ def build_seg(
     or one multi-frame image (Enhanced or Legacy Converted Enhanced CT/MR) whose frames, in
     any stored order, may hold more than the volume. Headers suffice: highdicom takes the
     geometry from Image Position/Orientation and Pixel Spacing or their functional groups.
-    The object is a BINARY Segmentation Storage instance, not a Label Map Segmentation
-    (1.2.840.10008.5.1.4.1.1.66.7, which Orthanc 1.10 refuses), in the source study with the
-    series and instance UIDs of `uids` and `instance_number` (the result's revision).
+    `seg_type` "binary" gives a Segmentation Storage instance (one frame per segment and
+    slice); "labelmap" a Label Map Segmentation Storage instance (1.2.840.10008.5.1.4.1.1.66.7,
+    PS3.3 A.51.6: one frame per slice holding segment numbers; fewer, smaller frames, and
+    what current viewers prefer, but Orthanc 1.10 refuses it), which cannot hold overlapping
+    segments (PermanentError). `uids` must be those `output_uids` gives for that type. The
+    object is in the source study with the series and instance UIDs of `uids` and
+    `instance_number` (the result's revision).
 
     Every SegmentSpec becomes the segment of the same number, even if its mask is empty:
     segment numbers then always match the model's label map and the SR, and a segment
@@ -63,15 +72,17 @@ def build_seg(
     Before returning, every SEG frame is checked to lie where the source frame it references
     lies; PermanentError if not, so that a mismatched SEG is never written.
 
-    `created` sets the content and creation date/time; by default they derive from the
-    source (`equipment.creation_timestamp`), so the same inputs give byte-identical output.
+    `created` is when the result was made: the Content, Instance Creation and Contribution
+    Date/Time (see `equipment.creation_time`; the pipeline passes the time it recorded at
+    the first encoding, so a repeat is byte-identical). Without it they derive from the
+    source (`equipment.creation_timestamp`), deterministically too.
     """
     _check_inputs(masks, segments)
     equipment.check_instance_number(instance_number)
     mapping = frame_mapping(source, frames, int(masks.shape[1]))
     _check_pixel_shape(source, masks)
     check_slice_order(source, mapping)
-    when = created if created is not None else equipment.creation_timestamp(source)
+    when = equipment.creation_time(created, source)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name,
         family=coded(ARTIFICIAL_INTELLIGENCE),
@@ -102,7 +113,7 @@ def build_seg(
             source_images=[equipment.highdicom_source(headers[0]), *headers[1:]],
             pixel_array=pixels,
             plane_positions=positions,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=_SEGMENTATION_TYPES[seg_type],
             segment_descriptions=descriptions,
             series_instance_uid=uids.seg_series,
             series_number=series_number,

@@ -63,7 +63,7 @@ def build_sr(
     """
     by_number = _check_inputs(source, seg, segments, measurements)
     equipment.check_instance_number(instance_number)
-    when = created if created is not None else equipment.creation_timestamp(source)
+    when = equipment.creation_time(created, source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,

@@ -21,9 +21,11 @@ from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
 from tests.support.phantom import write_phantom_series
 
 if TYPE_CHECKING:
+    import datetime
+
     import highdicom as hd
 
-    from agent.dicom.uids import OutputUids
+    from agent.dicom.uids import OutputUids, SegType
 
 SYNTHETIC_SLICES = 10
 SYNTHETIC_SIZE = 64
@@ -109,6 +111,8 @@ def encode(
     identity: ModelIdentity | None = None,
     frames: Sequence[tuple[int, int]] | None = None,
     instance_number: int = 1,
+    seg_type: SegType = "binary",
+    created: datetime.datetime | None = None,
 ) -> Encoded:
     """Build the SEG of `masks` over `headers` and the SR of their measurements, as a run of
     the model (default: model()) would; nothing is saved."""
@@ -118,7 +122,12 @@ def encode(
     from agent.encode.sr import build_sr
 
     identity = identity or model()
-    uids = output_uids(headers[0].StudyInstanceUID, [ds.SOPInstanceUID for ds in headers], identity)
+    uids = output_uids(
+        headers[0].StudyInstanceUID,
+        [ds.SOPInstanceUID for ds in headers],
+        identity,
+        seg_type=seg_type,
+    )
     seg = build_seg(
         headers,
         masks,
@@ -128,6 +137,8 @@ def encode(
         frames=frames,
         instance_number=instance_number,
         disclaimer=DISCLAIMER,
+        created=created,
+        seg_type=seg_type,
     )
     measured = measurements_for(masks, voxel_ml)
     sr = build_sr(
@@ -139,6 +150,7 @@ def encode(
         uids,
         instance_number=instance_number,
         disclaimer=DISCLAIMER,
+        created=created,
     )
     return Encoded(seg, sr, measured, identity, uids)
 
