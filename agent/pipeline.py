@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from pydicom.dataset import Dataset
 
-from agent.db.database import Database
+from agent.db.database import Database, utcnow
 from agent.db.deliveries import Deliveries
+from agent.db.stamps import ResultStamps
 from agent.db.states import TERMINAL, InvalidTransition, State, Superseded
 from agent.db.switches import ModelSwitches, held, in_state, switched_off
 from agent.dicom.files import read_header
-from agent.dicom.uids import output_uids
+from agent.dicom.uids import SegType, output_uids
 from agent.domain import FrameRef, Manifest, Priority
-from agent.encode.seg import build_seg
+from agent.encode.seg import build_seg, segments_overlap
 from agent.encode.sr import build_sr
 from agent.errors import JobHeld, PermanentError, RetryableError, StudySkipped
-from agent.export.outbox import Outbox
+from agent.export.outbox import Outbox, Report
 from agent.inference.registry import Model, get_model
 from agent.inference.runner import resolve_device, run_model
 from agent.inference.volume import Volume, load_volume
@@ -123,11 +125,23 @@ def infer(ctx: PipelineContext, job_id: str) -> Priority:
         return manifest.priority
 
 
-def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
-    """SEG + SR for every model result, written once to the outbox; same input, same bytes."""
+def encode(
+    ctx: PipelineContext, manifest: Manifest, seg_types: Sequence[SegType] = ("binary",)
+) -> dict[SegType, list[Path]]:
+    """SEG + SR of every model result in each SEG form of `seg_types`, written once to the
+    outbox; same input, same bytes.
+
+    The objects' Content, Instance Creation and Contribution Date/Time say when the result
+    was made: the time of its first encoding, recorded in the database, so a retry, a
+    re-send after a crash or a repeat of the same input gives the same bytes under the same
+    UIDs (PS3.5 9). Each form gets its own SEG and SR (the SR references its SEG), under
+    their own UIDs. A result whose segments overlap cannot be a LABELMAP SEG: its BINARY SEG
+    and SR stand for it in the "labelmap" list.
+    """
     outbox = ctx.layout.job_dir(manifest.job_id) / "outbox"
-    files: list[Path] = []
+    files: dict[SegType, list[Path]] = {seg_type: [] for seg_type in seg_types}
     configured = [m.name for m in ctx.settings.models]
+    stamps = ResultStamps(ctx.db)
     for item in manifest.inputs:
         # By the model's place in the configuration, so that every revision keeps its numbers.
         index = configured.index(item.model) if item.model in configured else len(configured)
@@ -137,38 +151,52 @@ def encode(ctx: PipelineContext, manifest: Manifest) -> list[Path]:
         position = {path: i for i, path in enumerate(paths)}
         frames = [(position[f.path], f.index) for f in item.frames]
         result = load_result(results_dir(ctx, manifest.job_id) / item.model)
-        uids = output_uids(manifest.study_uid, sop_uids, result.model, dict(manifest.contents))
-        seg_path = outbox / f"{uids.seg_instance}.dcm"
-        sr_path = outbox / f"{uids.sr_instance}.dcm"
-        if not (seg_path.is_file() and sr_path.is_file()):
-            series_number = SEG_SERIES_NUMBER + 2 * index
-            seg = build_seg(
-                source,
-                result.masks,
-                result.segments,
-                result.model,
-                uids,
-                frames=frames,
-                series_number=series_number,
-                instance_number=manifest.revision,
-                disclaimer=result.model.intended_use,
+        contents = dict(manifest.contents)
+        # The BINARY SEG's UID names the result: each form shares its time.
+        result_uid = output_uids(manifest.study_uid, sop_uids, result.model, contents).seg_instance
+        series_number = SEG_SERIES_NUMBER + 2 * index
+        overlap = "labelmap" in seg_types and segments_overlap(result.masks)
+        if overlap:
+            log.info("model %s: segments overlap, so LABELMAP destinations get BINARY", item.model)
+        for wanted in seg_types:
+            seg_type: SegType = "binary" if overlap else wanted
+            uids = output_uids(
+                manifest.study_uid, sop_uids, result.model, contents, seg_type=seg_type
             )
-            sr = build_sr(
-                source,
-                seg,
-                result.segments,
-                result.measurements,
-                result.model,
-                uids,
-                series_number=series_number + 1,
-                instance_number=manifest.revision,
-                disclaimer=result.model.intended_use,
-            )
-            for ds, path in ((seg, seg_path), (sr, sr_path)):
-                buffer = _encode_file(ds)
-                with disk_space("the outbox"):
-                    write_atomic(path, [buffer], ctx.layout.tmp)
-        files += [seg_path, sr_path]
+            seg_path = outbox / f"{uids.seg_instance}.dcm"
+            sr_path = outbox / f"{uids.sr_instance}.dcm"
+            if not (seg_path.is_file() and sr_path.is_file()):
+                made = stamps.made_at(result_uid, utcnow().replace(microsecond=0))
+                seg = build_seg(
+                    source,
+                    result.masks,
+                    result.segments,
+                    result.model,
+                    uids,
+                    frames=frames,
+                    series_number=series_number,
+                    instance_number=manifest.revision,
+                    disclaimer=result.model.intended_use,
+                    created=made,
+                    seg_type=seg_type,
+                )
+                sr = build_sr(
+                    source,
+                    seg,
+                    result.segments,
+                    result.measurements,
+                    result.model,
+                    uids,
+                    series_number=series_number + 1,
+                    instance_number=manifest.revision,
+                    disclaimer=result.model.intended_use,
+                    created=made,
+                )
+                for ds, path in ((seg, seg_path), (sr, sr_path)):
+                    buffer = _encode_file(ds)
+                    with disk_space("the outbox"):
+                        write_atomic(path, [buffer], ctx.layout.tmp)
+            files[wanted] += [seg_path, sr_path]
     return files
 
 
@@ -200,18 +228,29 @@ def export(ctx: PipelineContext, job_id: str) -> None:
     with log_context(study=study_key(manifest.study_uid), job=job_id):
         _current(ctx, manifest)
         manifest = _exportable(ctx, manifest)
-        files = encode(ctx, manifest)
+        destinations = ctx.settings.destinations
+        # The forms some destination takes; without destinations, BINARY stays in the outbox.
+        seg_types = list(dict.fromkeys(d.seg_type for d in destinations)) or ["binary"]
+        encoded = encode(ctx, manifest, seg_types)
+        files = encoded[seg_types[0]]
         outbox = Outbox(Deliveries(ctx.db), ctx.settings.receiver.ae_title)
-        report = outbox.deliver(
-            job_id, files, ctx.settings.destinations, study=study_key(manifest.study_uid)
-        )
+        report = Report()
+        for seg_type, objects in encoded.items():
+            part = outbox.deliver(
+                job_id,
+                objects,
+                [d for d in destinations if d.seg_type == seg_type],
+                study=study_key(manifest.study_uid),
+            )
+            report = report.merged(part)
         if report.waiting:
             soonest = min(report.waiting, key=lambda w: w.retry_in)
             reasons = [w.reason for w in report.waiting] + report.gave_up
             raise ExportPending("; ".join(reasons), soonest.retry_in)
         if report.gave_up:
             raise ExportFailed("; ".join(report.gave_up))
-        names = ", ".join(report.delivered)
+        order = [d.name for d in destinations]
+        names = ", ".join(sorted(report.delivered, key=order.index))
         outcome = (
             f"{len(files)} objects sent to {names}"
             if names

@@ -122,6 +122,19 @@ class Delivery(Base):
     objects: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class ResultStamp(Base):
+    """When a result was first encoded: the Content, Instance Creation and Contribution
+    Date/Time of its objects, so that every later encoding of it (a retry, a re-send after a
+    crash, a repeat of the same input) gives the same bytes under the same UIDs (PS3.5 9)."""
+
+    __tablename__ = "result_stamp"
+
+    # The SOP Instance UID of the result's BINARY SEG (agent.dicom.uids.output_uids): it
+    # names the result, its inputs, model, weights and encoder.
+    result_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    made_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 class SentObject(Base):
     """The last C-STORE status a destination gave one of a job's objects (PS3.4 B.2.3)."""
 

@@ -145,6 +145,17 @@ def build_seg(
     return seg
 
 
+def segments_overlap(masks: np.ndarray) -> bool:
+    """Whether some voxel is in two segments of `masks` (bool, (segments, z, y, x)): then
+    only a BINARY SEG can hold them (PS3.3 C.8.20.2: a LABELMAP pixel has one segment)."""
+    covered = np.zeros(masks.shape[1:], dtype=bool)
+    for mask in masks:
+        if (covered & mask).any():
+            return True
+        covered |= mask
+    return False
+
+
 def _display_color(spec: SegmentSpec) -> hd.color.CIELabColor | None:
     # RecommendedDisplayCIELabValue (PS3.3 C.8.20.2): how viewers colour the segment.
     lab = spec.color_lab

@@ -53,6 +53,15 @@ class Report:
     gave_up: list[str] = field(default_factory=list)  # "export to <name>: why"
     warnings: list[str] = field(default_factory=list)
 
+    def merged(self, other: Report) -> Report:
+        """This pass and `other`'s (over other destinations) as one."""
+        return Report(
+            self.delivered + other.delivered,
+            self.waiting + other.waiting,
+            self.gave_up + other.gave_up,
+            self.warnings + other.warnings,
+        )
+
 
 def send_by_kind(
     dest: DestinationSettings,

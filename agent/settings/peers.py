@@ -113,6 +113,11 @@ class DestinationSettings(DicomPeer):
     role: ClassVar[str] = "destination"
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     kind: Literal["dimse", "dicomweb"] = "dimse"
+    # The SEG form it takes (PS3.3 C.8.20.2): "binary" (Segmentation Storage, which every
+    # SEG-aware archive takes) or "labelmap" (Label Map Segmentation Storage: far fewer
+    # frames, what current viewers prefer; Orthanc 1.10 refuses it). The SR sent with it
+    # references that SEG.
+    seg_type: Literal["binary", "labelmap"] = "binary"
     # dimse: `timeout_seconds` bounds the connection (10 s at most), the answer to the
     # association request (30 s at most) and each C-STORE response.
     # dicomweb (`url`, `auth`, `verify_tls`, `ca_certificates`, `timeout_seconds` as for any
