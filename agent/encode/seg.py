@@ -26,6 +26,8 @@ from agent.errors import PermanentError
 # PS3.3 C.8.20.2 Content Label is CS (PS3.5: upper case, digits, space, "_"; at most 16).
 _CONTENT_LABEL = "AI_SEGMENTATION"
 _CONTENT_DESCRIPTION = "AI segmentation - research use, not for diagnosis"
+# PS3.3 C.7.3.1: the enumerated values of Laterality (0020,0060).
+_LATERALITIES = ("R", "L")
 
 
 def build_seg(
@@ -129,6 +131,11 @@ def build_seg(
     _replace_dimension_organization_uid(seg, derive_uid(uids.seg_instance, "dimension-org"))
     # PS3.3 C.7.6.1 Image Comments (LT) holds the full disclaimer; Content Description is LO.
     seg.ImageComments = disclaimer
+    # PS3.3 C.7.3.1: Laterality (2C) is required when the body part examined is paired and no
+    # Image or Frame Laterality is sent (the SEG sends neither). The SEG shows the source's
+    # body part: it repeats the source's Laterality (enumerated R or L), else empty (unknown).
+    side = str(headers[0].get("Laterality") or "")
+    seg.Laterality = side if side in _LATERALITIES else ""
     equipment.stamp_instance(seg, headers, model, when)
     verify_frames(seg, source, mapping)
     return seg
