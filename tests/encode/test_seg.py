@@ -197,17 +197,29 @@ def test_seg_passes_pixelmed(built: Built) -> None:
     assert_seg_valid(built.path)
 
 
-def test_seg_laterality_is_the_sources(synthetic: Built, tmp_path: Path) -> None:
-    # PS3.3 C.7.3.1: Laterality (type 2C) is required for a paired body part unless Image or
-    # Frame Laterality is sent. A SEG shows the source's body part: it repeats the source's
-    # Laterality, and is empty (unknown) where the source does not say.
-    seg = pydicom.dcmread(synthetic.path, stop_before_pixels=True)
-    assert "Laterality" in seg and seg.Laterality in (None, "")
-    left = [copy.deepcopy(ds) for ds in synthetic.headers]
-    for ds in left:
-        ds.Laterality = "L"
-    out = _build(left, synthetic.masks, tmp_path / "left.dcm")
-    assert pydicom.dcmread(out.path, stop_before_pixels=True).Laterality == "L"
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        (None, None, ""),
+        ("Laterality", "L", "L"),
+        ("ImageLaterality", "B", "B"),
+        ("Laterality", "X", ""),
+    ],
+)
+def test_seg_states_the_sources_laterality_as_image_laterality(
+    synthetic: Built, tmp_path: Path, keyword: str | None, value: str | None, expected: str
+) -> None:
+    # PS3.3 C.7.3.1: series Laterality (2C) is required for a paired body part unless Image
+    # Laterality is sent. The SEG sends Image Laterality (C.7.6.1, type 3), the source's or
+    # empty (unknown), and so no series Laterality.
+    headers = [copy.deepcopy(ds) for ds in synthetic.headers]
+    for ds in headers:
+        if keyword is not None:
+            setattr(ds, keyword, value)
+    out = _build(headers, synthetic.masks, tmp_path / "seg.dcm")
+    seg = pydicom.dcmread(out.path, stop_before_pixels=True)
+    assert "ImageLaterality" in seg and (seg.ImageLaterality or "") == expected
+    assert "Laterality" not in seg
     assert_dciodvfy_clean(out.path)
     assert_seg_valid(out.path)
 
