@@ -305,7 +305,11 @@ def test_outputs_pass_dciodvfy(written: Path) -> None:
     assert_dciodvfy_clean(written)
 
 
-def test_outputs_pass_pixelmed(written: Path) -> None:
+def test_outputs_pass_pixelmed(outputs: Outputs, written: Path) -> None:
+    if "ISO 2022 IR 58" in (outputs.variant.charset or ()):
+        # PS3.5 K.2's own bytes: PixelMed (20220618) stops reading them (an index error in
+        # its GB 2312 decoder), so it cannot check the file; dciodvfy does.
+        pytest.skip("PixelMed cannot read ISO 2022 IR 58 (GB 2312) values")
     assert_pixelmed_valid(written)
 
 
