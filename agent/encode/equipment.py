@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
+from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
 from agent import __version__
@@ -31,7 +32,7 @@ DEVICE_SERIAL_NUMBER = "pacs-agent"
 # application that wrote the file. highdicom names itself there; the files are ours. The UID is
 # fixed for the application (derived once, under 2.25); the version name (SH, at most 16
 # characters) tells its releases apart.
-IMPLEMENTATION_CLASS_UID = derive_uid("pacs-agent", "implementation-class")
+IMPLEMENTATION_CLASS_UID = UID(derive_uid("pacs-agent", "implementation-class"))
 IMPLEMENTATION_VERSION_NAME = f"pacs-agent{__version__}"
 
 # Used when no source instance carries a parsable date: a fixed value keeps repeats identical.
