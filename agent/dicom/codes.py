@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from highdicom.sr import CodedConcept
 
 from agent.domain import Code
@@ -19,10 +22,24 @@ IHE_CODING_SCHEME = "99IHE"
 # Algorithm Identification (PS3.3 C.8.20.2) and TID 4019 Algorithm Family.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
-# TID 1500 "Procedure reported", BCID 100 "Quantitative Diagnostic Imaging Procedure":
-# the member of CID 100 that names a CT of any body region. (SCT 77477000 "Computed
-# Tomography" is not in CID 100.)
+# TID 1500 "Procedure reported", BCID 100 "Quantitative Diagnostic Imaging Procedure": the
+# member of CID 100 that names an examination of the source's modality (PS3.3 C.7.3.1.1.1) in
+# any body region. (SCT 77477000 "Computed Tomography" is not in CID 100.)
 CT_PROCEDURE = Code("25045-6", "LN", "CT unspecified body region")
+MR_PROCEDURE = Code("25056-3", "LN", "MRI unspecified body region")
+_XR_PROCEDURE = Code("43468-8", "LN", "XR unspecified body region")
+PROCEDURES: Mapping[str, Code] = MappingProxyType(
+    {
+        "CT": CT_PROCEDURE,
+        "MR": MR_PROCEDURE,
+        "PT": Code("44136-0", "LN", "PET unspecified body region"),
+        "NM": Code("49118-3", "LN", "NM unspecified body region"),
+        "CR": _XR_PROCEDURE,
+        "DX": _XR_PROCEDURE,
+    }
+)
+# The CID 100 member for any other modality.
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 
 # TID 1411 -> TID 1419 -> TID 300: $Measurement from BCID 7469 "Generic Intensity and Size
 # Measurement", $Derivation from BCID 7464 "General Region of Interest Measurement Modifier",
@@ -30,8 +47,8 @@ CT_PROCEDURE = Code("25045-6", "LN", "CT unspecified body region")
 VOLUME = Code("118565006", "SCT", "Volume")
 ATTENUATION_COEFFICIENT = Code("112031", "DCM", "Attenuation Coefficient")
 MEAN = Code("373098007", "SCT", "Mean")
-# UCUM "ml" (PS3.16 uses the "ml" spelling in CID 7181, e.g. "ml/s"); 1 ml = 1 cm3.
-MILLILITER = Code("ml", "UCUM", "milliliter")
+# CID 7181 lists volumes as "cm3" (not the equal UCUM "ml"); 1 cm3 = 1 ml.
+CUBIC_CENTIMETER = Code("cm3", "UCUM", "cubic centimeter")
 HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 # CID 7150 "Segmentation Property Category": segments of this category are organs or body
@@ -42,9 +59,18 @@ TISSUE = Code("85756007", "SCT", "Tissue")
 # The same category as older PS3.16 editions and tools (dcmqi, TotalSegmentator) code it.
 LEGACY_ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 
+# TID 1411 row "Source series for segmentation", as PS3.16 spells it: highdicom writes
+# "Source Series for Segmentation", which validators report as a meaning that differs.
+SOURCE_SERIES_FOR_SEGMENTATION = Code("121232", "DCM", "Source series for segmentation")
+
 # TID 1500 is an extensible template (PS3.16); the research-use disclaimer is a TEXT item with
 # (121106, DCM, "Comment") under the report root.
 COMMENT = Code("121106", "DCM", "Comment")
+
+
+def procedure_reported(modality: str) -> Code:
+    """The TID 1500 Procedure Reported (CID 100) for a source of `modality` (PS3.3 C.7.3.1)."""
+    return PROCEDURES.get(modality, IMAGING_PROCEDURE)
 
 
 def coded(code: Code) -> CodedConcept:

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
+from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
 from agent import __version__
 from agent.dicom.codes import IHE_CODING_SCHEME, PROCESSING_ALGORITHM
+from agent.dicom.uids import derive_uid
 from agent.domain import ModelIdentity
 from agent.encode.charset import output_character_set
 from agent.errors import PermanentError
@@ -25,6 +27,13 @@ SOFTWARE_VERSION = __version__
 # Enhanced General Equipment makes Device Serial Number type 1; software has no serial, and a
 # per-host value would make a repeat on another worker differ, so it is a constant.
 DEVICE_SERIAL_NUMBER = "pacs-agent"
+
+# PS3.10 7.1 File Meta Information: Implementation Class UID and Version Name identify the
+# application that wrote the file. highdicom names itself there; the files are ours. The UID is
+# fixed for the application (derived once, under 2.25); the version name (SH, at most 16
+# characters) tells its releases apart.
+IMPLEMENTATION_CLASS_UID = UID(derive_uid("pacs-agent", "implementation-class"))
+IMPLEMENTATION_VERSION_NAME = f"pacs-agent{__version__}"
 
 # Used when no source instance carries a parsable date: a fixed value keeps repeats identical.
 _FALLBACK_TIMESTAMP = datetime.datetime(1970, 1, 1)
@@ -133,14 +142,17 @@ def stamp_instance(
 ) -> None:
     """Finish a built SEG or SR: fix what highdicom derives, add the AIR item, set the charset.
 
-    Call it last, once every value of `instance` is set. highdicom sets Instance Creation
-    Date/Time and its own Contributing Equipment item's Contribution DateTime from
+    Call it last, once every value of `instance` is set. The file meta names this application
+    as the implementation that wrote the file, where highdicom names itself. highdicom sets
+    Instance Creation Date/Time and its own Contributing Equipment item's Contribution DateTime from
     `datetime.now()`; both are replaced by `when` so repeats are byte-identical. Patient's
     Name and Birth Date are restored from the source as received (see `highdicom_source`). The
     Contributing Equipment item for the model is appended because highdicom only accepts
     purposes from CID 7005, and AIR's purpose is not among them. Specific Character Set is
     set as `charset.output_character_set` decides.
     """
+    instance.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    instance.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     instance.InstanceCreationDate = _da(when)
     instance.InstanceCreationTime = _tm(when)
     offset = source[0].get("TimezoneOffsetFromUTC")
@@ -290,6 +302,8 @@ def content_time(when: datetime.datetime) -> str:
 
 __all__ = [
     "DEVICE_SERIAL_NUMBER",
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
     "MANUFACTURER",
     "MODEL_NAME",
     "SOFTWARE_VERSION",

@@ -30,6 +30,8 @@ _SEGMENTATION_TYPES: dict[SegType, hd.seg.SegmentationTypeValues] = {
     "binary": hd.seg.SegmentationTypeValues.BINARY,
     "labelmap": hd.seg.SegmentationTypeValues.LABELMAP,
 }
+# PS3.3 C.7.6.1 Image Laterality: R, L, U (unpaired), B (both); C.7.3.1 Laterality: R, L.
+_IMAGE_LATERALITIES = ("R", "L", "U", "B")
 
 
 def build_seg(
@@ -140,6 +142,11 @@ def build_seg(
     _replace_dimension_organization_uid(seg, derive_uid(uids.seg_instance, "dimension-org"))
     # PS3.3 C.7.6.1 Image Comments (LT) holds the full disclaimer; Content Description is LO.
     seg.ImageComments = disclaimer
+    # The SEG shows the source's body part, so it states the source's laterality as Image
+    # Laterality (PS3.3 C.7.6.1, type 3: empty when unknown). With Image Laterality present,
+    # the condition of the series' Laterality (C.7.3.1, type 2C: a paired body part and no
+    # Image or Frame Laterality) is not met, and it is not sent (PS3.5 7.4.5).
+    seg.ImageLaterality = _image_laterality(headers[0])
     equipment.stamp_instance(seg, headers, model, when)
     verify_frames(seg, source, mapping)
     return seg
@@ -160,6 +167,20 @@ def _display_color(spec: SegmentSpec) -> hd.color.CIELabColor | None:
     # RecommendedDisplayCIELabValue (PS3.3 C.8.20.2): how viewers colour the segment.
     lab = spec.color_lab
     return None if lab is None else hd.color.CIELabColor.from_dicom_value(lab)
+
+
+def _image_laterality(source: Dataset) -> str:
+    """The source's Image, Frame (shared) or series Laterality, or "" if it states none."""
+    shared = source.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    anatomy = shared[0].get("FrameAnatomySequence") or [Dataset()]
+    for value in (
+        source.get("ImageLaterality"),
+        anatomy[0].get("FrameLaterality"),
+        source.get("Laterality"),
+    ):
+        if str(value or "") in _IMAGE_LATERALITIES:
+            return str(value)
+    return ""
 
 
 def tracking_uid(uids: OutputUids, segment_number: int) -> str:

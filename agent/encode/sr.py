@@ -15,13 +15,14 @@ from agent.dicom.codes import (
     ARTIFICIAL_INTELLIGENCE,
     ATTENUATION_COEFFICIENT,
     COMMENT,
-    CT_PROCEDURE,
+    CUBIC_CENTIMETER,
     HOUNSFIELD_UNIT,
     LEGACY_ANATOMICAL_STRUCTURE,
     MEAN,
-    MILLILITER,
+    SOURCE_SERIES_FOR_SEGMENTATION,
     VOLUME,
     coded,
+    procedure_reported,
 )
 from agent.dicom.uids import OutputUids
 from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
@@ -53,7 +54,7 @@ def build_sr(
     One TID 1411 Volumetric ROI measurement group per segment, referencing the segment of
     `seg` and the source series, with tracking identifier and UID equal to the SEG's, the
     segment's category and type as finding category and type (and as finding site for
-    anatomical structures), Volume in ml and, if the segment has voxels, mean attenuation in
+    anatomical structures), Volume in cm3 (ml) and, if the segment has voxels, mean attenuation in
     HU. An empty segment keeps its group with volume 0 and no mean, which is undefined.
 
     `source` are the headers of the images `seg` was derived from, as for `build_seg` (one
@@ -71,6 +72,8 @@ def build_sr(
         manufacturer=model.manufacturer,
     )
     source_series = hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)
+    # highdicom capitalises this concept name; write it as PS3.16 does.
+    source_series.ConceptNameCodeSequence[0].CodeMeaning = SOURCE_SERIES_FOR_SEGMENTATION.meaning
     # A mean is an attenuation in HU only for CT (PS3.3 C.8.2.1: Rescale Type HU); other
     # modalities' pixel values have no standard unit, so their SR reports volumes only.
     attenuation = str(source[0].get("Modality", "")) == "CT"
@@ -92,7 +95,7 @@ def build_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=coded(CT_PROCEDURE),
+        procedure_reported=coded(procedure_reported(str(source[0].get("Modality", "")))),
         imaging_measurements=groups,
     )
     # TID 1500 is extensible: the disclaimer travels inside the report as a Comment.
@@ -146,7 +149,7 @@ def _measurement_group(
             hd.sr.Measurement(
                 name=coded(VOLUME),
                 value=measurement.volume_ml,
-                unit=coded(MILLILITER),
+                unit=coded(CUBIC_CENTIMETER),
             )
         )
     if attenuation and "mean" in spec.measurements and measurement.voxel_count > 0:

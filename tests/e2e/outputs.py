@@ -12,6 +12,7 @@ import pydicom
 from agent.dicom.codes import VOLUME, coded
 from tests.support.dciodvfy import assert_dciodvfy_clean
 from tests.support.orthanc import Orthanc
+from tests.support.pixelmed import assert_seg_valid, assert_sr_valid
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def fetch_outputs(
     seg_path, sr_path = found["SEG"][0], found["SR"][0]
     assert_dciodvfy_clean(seg_path)
     assert_dciodvfy_clean(sr_path)
+    assert_seg_valid(seg_path)
+    assert_sr_valid(sr_path)
 
     seg = hd.seg.segread(seg_path)
     sr = hd.sr.srread(sr_path)

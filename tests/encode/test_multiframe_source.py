@@ -30,6 +30,7 @@ from tests.encode import (
 )
 from tests.support.data import dicom_files, shared_data
 from tests.support.dciodvfy import assert_dciodvfy_clean
+from tests.support.pixelmed import assert_seg_valid, assert_sr_valid
 
 Frames = list[tuple[int, int]]
 
@@ -172,6 +173,7 @@ def test_seg_over_enhanced_ct_equals_seg_over_single_frames(
     single = _save(_seg(headers[slices.start : slices.stop], masks), tmp_path / "single.dcm")
     _assert_same_frames(multi, single)
     assert_dciodvfy_clean(multi)
+    assert_seg_valid(multi)
 
     seg = hd.seg.segread(multi)
     assert seg.get_source_image_uids() == [
@@ -201,6 +203,7 @@ def test_sr_over_enhanced_ct_references_the_multiframe_instance(
     seg = encoded.seg
     path = _save(encoded.sr, tmp_path / "sr.dcm")
     assert_dciodvfy_clean(path)
+    assert_sr_valid(path)
     report = hd.sr.srread(path)
     (study,) = report.CurrentRequestedProcedureEvidenceSequence
     referenced = {
@@ -235,6 +238,7 @@ def test_all_empty_masks_over_enhanced_ct_give_one_frame_per_segment(
         reference = item.DerivationImageSequence[0].SourceImageSequence[0]
         assert int(reference.ReferencedFrameNumber) == STORED.index(0) + 1
     assert_dciodvfy_clean(path)
+    assert_seg_valid(path)
 
 
 def test_single_frame_sources_in_any_order_with_a_mapping(headers: list[Dataset]) -> None:
@@ -276,6 +280,7 @@ def test_seg_over_legacy_converted_ct_equals_seg_over_its_slices(
     path = _save(_seg([multi], masks, frames), tmp_path / "multi.dcm")
     _assert_same_frames(path, _save(_seg(singles, masks), tmp_path / "single.dcm"))
     assert_dciodvfy_clean(path)
+    assert_seg_valid(path)
     pixels = hd.seg.segread(path).get_pixels_by_source_frame(
         multi.SOPInstanceUID,
         [k + 1 for _, k in frames],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pydicom import Dataset
 from agent.dicom.codes import ARTIFICIAL_INTELLIGENCE, PROCESSING_ALGORITHM
 from agent.dicom.uids import OutputUids, output_uids
 from agent.domain import ModelIdentity
+from agent.encode.equipment import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from agent.encode.seg import build_seg, tracking_uid
 from agent.errors import PermanentError
 from tests.encode import (
@@ -27,6 +29,7 @@ from tests.encode import (
 )
 from tests.support.data import dicom_files, shared_data
 from tests.support.dciodvfy import assert_dciodvfy_clean
+from tests.support.pixelmed import assert_seg_valid
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,46 @@ def test_seg_passes_dciodvfy(built: Built) -> None:
     assert_dciodvfy_clean(built.path)
 
 
+def test_seg_passes_pixelmed(built: Built) -> None:
+    assert_seg_valid(built.path)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        (None, None, ""),
+        ("Laterality", "L", "L"),
+        ("ImageLaterality", "B", "B"),
+        ("Laterality", "X", ""),
+    ],
+)
+def test_seg_states_the_sources_laterality_as_image_laterality(
+    synthetic: Built, tmp_path: Path, keyword: str | None, value: str | None, expected: str
+) -> None:
+    # PS3.3 C.7.3.1: series Laterality (2C) is required for a paired body part unless Image
+    # Laterality is sent. The SEG sends Image Laterality (C.7.6.1, type 3), the source's or
+    # empty (unknown), and so no series Laterality.
+    headers = [copy.deepcopy(ds) for ds in synthetic.headers]
+    for ds in headers:
+        if keyword is not None:
+            setattr(ds, keyword, value)
+    out = _build(headers, synthetic.masks, tmp_path / "seg.dcm")
+    seg = pydicom.dcmread(out.path, stop_before_pixels=True)
+    assert "ImageLaterality" in seg and (seg.ImageLaterality or "") == expected
+    assert "Laterality" not in seg
+    assert_dciodvfy_clean(out.path)
+    assert_seg_valid(out.path)
+
+
+def test_seg_file_meta_names_pacs_agent(synthetic: Built) -> None:
+    meta = pydicom.dcmread(synthetic.path, stop_before_pixels=True).file_meta
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+    # PS3.10 7.1: a UID, and a version name of at most 16 characters (SH).
+    assert pydicom.uid.UID(IMPLEMENTATION_CLASS_UID).is_valid
+    assert 1 <= len(IMPLEMENTATION_VERSION_NAME) <= 16
+
+
 def test_build_seg_leaves_source_headers_unchanged(real: Built) -> None:
     # highdicom_source works on a copy; the real CT has a caret-less name and an empty charset.
     again = read_headers(dicom_files(shared_data("dcmqi", "ct-3slice")))
@@ -206,6 +249,7 @@ def test_all_empty_masks_still_give_a_valid_seg(synthetic: Built, tmp_path: Path
     assert not seg.pixel_array.any()
     assert seg.get_segment_numbers() == [spec.number for spec in SEGMENTS]
     assert_dciodvfy_clean(out.path)
+    assert_seg_valid(out.path)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +20,16 @@ from agent.dicom.codes import (
     ATTENUATION_COEFFICIENT,
     COMMENT,
     CT_PROCEDURE,
+    CUBIC_CENTIMETER,
     HOUNSFIELD_UNIT,
     MEAN,
-    MILLILITER,
     PROCESSING_ALGORITHM,
     VOLUME,
     coded,
 )
 from agent.dicom.uids import OutputUids
 from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
+from agent.encode.equipment import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from agent.encode.seg import tracking_uid
 from agent.encode.sr import build_sr
 from agent.errors import PermanentError
@@ -45,6 +46,7 @@ from tests.encode import (
 )
 from tests.support.data import dicom_files, shared_data
 from tests.support.dciodvfy import assert_dciodvfy_clean
+from tests.support.pixelmed import assert_sr_valid
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def test_sr_measurements_equal_inputs(built: Built) -> None:
         volumes = group.get_measurements(name=coded(VOLUME))
         assert len(volumes) == 1
         assert volumes[0].value == measured.volume_ml
-        assert _is(volumes[0].unit, MILLILITER)
+        assert _is(volumes[0].unit, CUBIC_CENTIMETER)
         means = group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))
         if measured.voxel_count == 0:
             assert math.isnan(measured.mean_hu)
@@ -262,6 +264,7 @@ def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
         if m.voxel_count:
             assert group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))[0].value == m.mean_hu
     assert_dciodvfy_clean(tmp_path / "sr.dcm")
+    assert_sr_valid(tmp_path / "sr.dcm")
 
 
 @pytest.mark.parametrize(
@@ -325,3 +328,48 @@ def test_a_mean_in_hu_is_reported_for_ct_only(synthetic: Built, tmp_path: Path) 
         ds.Modality = "MR"
     names = _measured_names(_sr_for(synthetic, headers=mr), tmp_path)
     assert names and all(n == {VOLUME.value} for n in names)
+
+
+def _procedures(sr: Dataset) -> list[tuple[str, str, str]]:
+    return [
+        (p.CodeValue, p.CodingSchemeDesignator, p.CodeMeaning)
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ProcedureReported.value
+        for p in item.ConceptCodeSequence
+    ]
+
+
+def test_procedure_reported_is_that_of_the_source_modality(synthetic: Built) -> None:
+    # TID 1500 Procedure Reported from CID 100: an MR is not reported as a CT.
+    mr = [copy.deepcopy(ds) for ds in synthetic.headers]
+    for ds in mr:
+        ds.Modality = "MR"
+    assert _procedures(_sr_for(synthetic)) == [("25045-6", "LN", "CT unspecified body region")]
+    assert _procedures(_sr_for(synthetic, headers=mr)) == [
+        ("25056-3", "LN", "MRI unspecified body region")
+    ]
+
+
+def test_sr_concept_names_are_spelled_as_ps3_16(synthetic: Built) -> None:
+    def items(ds: Dataset) -> Iterator[Dataset]:
+        for item in ds.get("ContentSequence", []):
+            yield item
+            yield from items(item)
+
+    names = {
+        (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodeMeaning)
+        for item in items(pydicom.dcmread(synthetic.path))
+    }
+    source_series = codes.DCM.SourceSeriesForSegmentation
+    assert (source_series.value, source_series.meaning) in names
+    assert (source_series.value, "Source Series for Segmentation") not in names
+
+
+def test_sr_file_meta_names_pacs_agent(synthetic: Built) -> None:
+    meta = pydicom.dcmread(synthetic.path, stop_before_pixels=True).file_meta
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+
+
+def test_sr_passes_pixelmed(built: Built) -> None:
+    assert_sr_valid(built.path)

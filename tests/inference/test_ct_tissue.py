@@ -79,7 +79,7 @@ def test_identity_and_segments_are_as_published() -> None:
     assert [(s.number, s.category, s.type.value, s.tracking_id) for s in SEGMENTS] == [
         (1, anatomy, "38266002", "ct-tissue body"),
         (2, anatomy, "39607008", "ct-tissue lungs"),
-        (3, anatomy, "272673000", "ct-tissue bone"),
+        (3, tissue, "3138006", "ct-tissue bone"),
         (4, tissue, "55603005", "ct-tissue adipose tissue"),
         (5, tissue, "87784001", "ct-tissue soft tissue"),
     ]
