@@ -103,7 +103,12 @@ async function main() {
     }
   };
 
-  const { instances } = sourceImages(sourcePaths);
+  const { instances, provider } = sourceImages(sourcePaths);
+  // OHIF's cornerstone (its own copy) places SR coordinates on images through its metadata.
+  const core = require(require.resolve("@cornerstonejs/core", {
+    paths: [path.dirname(require.resolve("@ohif/extension-cornerstone-dicom-sr"))],
+  }));
+  core.metaData.addProvider((type, imageId) => provider.get(type, imageId), 10000);
   const source = {
     displaySetInstanceUID: "source-display-set",
     StudyInstanceUID: instances[0].StudyInstanceUID,

@@ -16,14 +16,15 @@ export function readNaturalized(path) {
 
 const numbers = (value) => (Array.isArray(value) ? value : [value]).map(Number);
 
-/** Single-frame source images: imageIds "source:<n>" and a provider for Cornerstone's modules. */
+/** Single-frame source images: imageIds "source:<SOPInstanceUID>", in the order of `paths`, and
+ * a provider of Cornerstone's metadata modules for them. */
 export function sourceImages(paths) {
   const instances = paths.map((path) => {
     const { dataset } = readNaturalized(path);
     delete dataset.PixelData;
     return dataset;
   });
-  const imageIds = instances.map((_, index) => `source:${index}`);
+  const imageIds = instances.map((ds) => `source:${ds.SOPInstanceUID}`);
   const byImageId = new Map(imageIds.map((id, index) => [id, instances[index]]));
   const provider = {
     get(type, imageId) {
