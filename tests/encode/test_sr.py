@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,8 @@ def test_sr_is_a_tid_1500_report_with_device_observer(built: Built) -> None:
         for item in root
         if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value and item.ValueType == "TEXT"
     ]
-    empty = [spec for spec, m in zip(SEGMENTS, built.measurements, strict=True) if not m.voxel_count]
+    pairs = zip(SEGMENTS, built.measurements, strict=True)
+    empty = [spec for spec, m in pairs if not m.voxel_count]
     assert empty, "the inputs should have an empty segment"
     assert comments == [DISCLAIMER, empty_segments_comment(empty)]
 
@@ -276,7 +276,11 @@ def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
         [Measurement(1, -1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1), Measurement(3, 0, 0, 0)],
         # Voxels measured where the SEG has none, and none where it has some.
         [Measurement(1, 1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1), Measurement(3, 1.0, 0.0, 4)],
-        [Measurement(1, 0.0, float("nan"), 0), Measurement(2, 1.0, 0.0, 1), Measurement(3, 0, 0, 0)],
+        [
+            Measurement(1, 0.0, float("nan"), 0),
+            Measurement(2, 1.0, 0.0, 1),
+            Measurement(3, 0, 0, 0),
+        ],
     ],
 )
 def test_build_sr_rejects_inconsistent_measurements(

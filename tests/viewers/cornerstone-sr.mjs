@@ -9,8 +9,9 @@ import { readNaturalized, sourceImages } from "./source-metadata.mjs";
 const [srPath, ...sourcePaths] = process.argv.slice(2);
 const { imageIds, provider, instances } = sourceImages(sourcePaths);
 metaData.addProvider((type, imageId) => provider.get(type, imageId), 10000);
+// Keyed "<SOPInstanceUID>:<frame number>", as OHIF builds it (single-frame images: frame 1).
 const bySopInstance = Object.fromEntries(
-  instances.map((ds, index) => [ds.SOPInstanceUID, imageIds[index]]),
+  instances.map((ds, index) => [`${ds.SOPInstanceUID}:1`, imageIds[index]]),
 );
 
 // generateToolState logs, and skips, each measurement group it fails to read.
@@ -18,7 +19,7 @@ const failures = [];
 const logger = utilities.logger.adaptersLog.getLogger("Cornerstone3D.MeasurementReport");
 const warn = logger.warn.bind(logger);
 logger.warn = (message, ...rest) => {
-  failures.push(`${message} ${rest.filter((r) => r instanceof Error).map(String).join(" ")}`);
+  failures.push(`${message} ${rest.filter((r) => r instanceof Error).map((e) => process.env.VIEWER_DEBUG ? e.stack : String(e)).join(" ")}`);
   warn(message, ...rest);
 };
 

@@ -1,0 +1,80 @@
+"""Run the viewer loaders of tests/viewers (dcmjs, Cornerstone3D, OHIF) on our SEG and SR.
+
+Each loader is a small Node script that reads DICOM files and prints one line of JSON. They
+need Node (Debian's nodejs) and the pinned packages of tests/viewers/package-lock.json
+(`npm ci` there; .ci/run does it). Without them a test skips here and fails in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.support.ci import IN_CI, unavailable
+
+VIEWERS = Path(__file__).resolve().parent.parent / "viewers"
+# One package per loader: all of them come from `npm ci` together.
+_INSTALLED = (
+    "dcmjs",
+    "@cornerstonejs/adapters",
+    "@ohif/extension-cornerstone-dicom-sr",
+)
+_TIMEOUT = 240.0  # seconds; a full CT's SEG on a 2-core CI machine takes a few
+
+
+def _missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node not found (Debian: apt-get install nodejs npm)"
+    for package in _INSTALLED:
+        if not (VIEWERS / "node_modules" / package / "package.json").is_file():
+            return f"{package} is not installed: run `npm ci` in {VIEWERS}"
+    return None
+
+
+def installed() -> bool:
+    """Whether the loaders can run here."""
+    return _missing() is None
+
+
+def wanted() -> bool:
+    """Whether a test that checks viewers on the side should do so: always in CI."""
+    return IN_CI or installed()
+
+
+def run_loader(script: str, *args: Path | str) -> dict[str, Any]:
+    """Run tests/viewers/`script` on `args`; its JSON output. Skips (fails in CI) without Node."""
+    missing = _missing()
+    if missing is not None:
+        unavailable(f"viewer loaders: {missing}")
+    node = shutil.which("node")
+    assert node is not None
+    done = subprocess.run(
+        [node, script, *(str(a) for a in args)],
+        cwd=VIEWERS,
+        capture_output=True,
+        text=True,
+        timeout=_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"{script} printed nothing:\n{done.stderr[-4000:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def cornerstone_labelmap(
+    seg: Path, sources: Sequence[Path], folder: Path
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Cornerstone3D's labelmap of `seg` over `sources` (in that order): (summary, z-y-x array)."""
+    out = folder / "labelmap.u16"
+    summary = run_loader("cornerstone-seg.mjs", seg, out, *sources)
+    shape = tuple(int(n) for n in summary["shape"])
+    labelmap = np.fromfile(out, dtype="<u2").reshape(shape)
+    return summary, labelmap
