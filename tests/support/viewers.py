@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
+import pydicom
 
 from tests.support.ci import IN_CI, unavailable
 
@@ -78,3 +80,50 @@ def cornerstone_labelmap(
     shape = tuple(int(n) for n in summary["shape"])
     labelmap = np.fromfile(out, dtype="<u2").reshape(shape)
     return summary, labelmap
+
+
+def slice_order(sources: Sequence[Path]) -> list[Path]:
+    """Single-frame images in ascending position along their normal, as the SEG's volume."""
+    headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in sources}
+
+    def along_normal(path: Path) -> float:
+        ds = headers[path]
+        row, column = (
+            np.array(ds.ImageOrientationPatient[:3]),
+            np.array(ds.ImageOrientationPatient[3:]),
+        )
+        return float(np.dot(np.cross(row, column), np.array(ds.ImagePositionPatient, float)))
+
+    return sorted(sources, key=along_normal)
+
+
+def assert_viewers_load(
+    seg_path: Path, sr_path: Path, sources: Sequence[Path], folder: Path
+) -> None:
+    """dcmjs reads both; Cornerstone3D's labelmap of the SEG is highdicom's, voxel for voxel; OHIF
+    loads the SR's display set with every measurement placed and labelled (Volume, and the mean
+    for CT)."""
+    ordered = slice_order(sources)
+    for path in (seg_path, sr_path):
+        assert run_loader("dcmjs-read.mjs", path)["sopInstanceUID"] == str(
+            pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        )
+    _, labelmap = cornerstone_labelmap(seg_path, ordered, folder)
+    seg = hd.seg.segread(seg_path)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ordered]
+    expected = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        combine_segments=True,
+        relabel=False,
+        assert_missing_frames_are_empty=True,
+    )
+    assert np.array_equal(labelmap, expected), "Cornerstone3D's labelmap differs from highdicom's"
+    result = run_loader("ohif-sr.cjs", sr_path, *ordered)
+    assert result["displaySets"] == 1 and result["loadError"] is None, result.get("loadError")
+    assert result["measurements"], "OHIF found no measurement"
+    ct = pydicom.dcmread(ordered[0], stop_before_pixels=True).Modality == "CT"
+    for measurement in result["measurements"]:
+        names = {label["label"] for label in measurement["labels"]}
+        wanted = {"Volume", "Attenuation Coefficient"} if ct else {"Volume"}
+        assert wanted <= names, (measurement["trackingIdentifier"], names)
+        assert measurement["loaded"], measurement["trackingIdentifier"]
