@@ -188,6 +188,7 @@ async function main() {
     displaySetInstanceUID: m.displaySetInstanceUID ?? null,
   }));
   result.annotations = annotations;
+  result.subscriptions = subscriptions;
   return result;
 }
 
