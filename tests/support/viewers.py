@@ -71,15 +71,37 @@ def run_loader(script: str, *args: Path | str) -> dict[str, Any]:
     return result
 
 
-def cornerstone_labelmap(
+def cornerstone_labelmaps(
     seg: Path, sources: Sequence[Path], folder: Path
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Cornerstone3D's labelmap of `seg` over `sources` (in that order): (summary, z-y-x array)."""
-    out = folder / "labelmap.u16"
+    """Cornerstone3D's labelmaps of `seg` over `sources` (in that order): (summary, array of
+    labelmap x z x y x). Overlapping segments are spread over several labelmaps."""
+    out = folder / "labelmaps.u16"
     summary = run_loader("cornerstone-seg.mjs", seg, out, *sources)
     shape = tuple(int(n) for n in summary["shape"])
-    labelmap = np.fromfile(out, dtype="<u2").reshape(shape)
-    return summary, labelmap
+    labelmaps = np.fromfile(out, dtype="<u2").reshape(shape)
+    return summary, labelmaps
+
+
+def assert_labelmaps_are_highdicoms(
+    labelmaps: np.ndarray, seg_path: Path, sources: Sequence[Path]
+) -> None:
+    """Each segment of Cornerstone3D's labelmaps is highdicom's mask of it, voxel for voxel."""
+    seg = hd.seg.segread(seg_path)
+    numbers = seg.get_segment_numbers()
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sources]
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        segment_numbers=numbers,
+        combine_segments=False,
+        assert_missing_frames_are_empty=True,
+    )
+    assert set(np.unique(labelmaps).tolist()) <= {0, *numbers}
+    for index, number in enumerate(numbers):
+        theirs = (labelmaps == number).any(axis=0)
+        ours = masks[..., index].astype(bool)
+        assert theirs.shape == ours.shape, number
+        assert np.array_equal(theirs, ours), f"segment {number} differs"
 
 
 def slice_order(sources: Sequence[Path]) -> list[Path]:
@@ -108,16 +130,8 @@ def assert_viewers_load(
         assert run_loader("dcmjs-read.mjs", path)["sopInstanceUID"] == str(
             pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         )
-    _, labelmap = cornerstone_labelmap(seg_path, ordered, folder)
-    seg = hd.seg.segread(seg_path)
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ordered]
-    expected = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids,
-        combine_segments=True,
-        relabel=False,
-        assert_missing_frames_are_empty=True,
-    )
-    assert np.array_equal(labelmap, expected), "Cornerstone3D's labelmap differs from highdicom's"
+    _, labelmaps = cornerstone_labelmaps(seg_path, ordered, folder)
+    assert_labelmaps_are_highdicoms(labelmaps, seg_path, ordered)
     result = run_loader("ohif-sr.cjs", sr_path, *ordered)
     assert result["displaySets"] == 1 and result["loadError"] is None, result.get("loadError")
     assert result["measurements"], "OHIF found no measurement"

@@ -1,8 +1,9 @@
 // Load a DICOM SEG the way Cornerstone3D does (adapters' Segmentation.createFromDICOMSegBuffer)
-// onto its source images, and write the labelmap it builds (one uint16 per source voxel, in the
-// order of the source files given) to OUT.
+// onto its source images, and write the labelmaps it builds to OUT: one uint16 per source voxel,
+// in the order of the source files given, for each labelmap (Cornerstone3D spreads overlapping
+// segments over several labelmaps).
 // Usage: node cornerstone-seg.mjs SEG OUT SOURCE...   Prints JSON to stdout.
-import { readFileSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { adaptersSEG } from "@cornerstonejs/adapters";
 import { metaData } from "@cornerstonejs/core";
 import { readNaturalized, sourceImages } from "./source-metadata.mjs";
@@ -19,11 +20,13 @@ const result = await adaptersSEG.Cornerstone3D.Segmentation.createFromDICOMSegBu
 );
 const rows = Number(instances[0].Rows);
 const columns = Number(instances[0].Columns);
-const volume = new Uint16Array(imageIds.length * rows * columns);
-const [labelmaps] = result.labelMapImages;
-labelmaps.forEach((image, index) => {
-  const data = image.voxelManager ? image.voxelManager.getScalarData() : image.getPixelData();
-  volume.set(data, index * rows * columns);
+const slice = rows * columns;
+const volume = new Uint16Array(result.labelMapImages.length * imageIds.length * slice);
+result.labelMapImages.forEach((labelmaps, layer) => {
+  labelmaps.forEach((image, index) => {
+    const data = image.voxelManager ? image.voxelManager.getScalarData() : image.getPixelData();
+    volume.set(data, (layer * imageIds.length + index) * slice);
+  });
 });
 writeFileSync(outPath, Buffer.from(volume.buffer));
 const segments = {};
@@ -32,7 +35,7 @@ for (const [number, meta] of Object.entries(result.segMetadata?.data ?? {})) {
 }
 console.log(JSON.stringify({
   labelmaps: result.labelMapImages.length,
-  shape: [imageIds.length, rows, columns],
+  shape: [result.labelMapImages.length, imageIds.length, rows, columns],
   segments,
   overlapping: Boolean(result.overlappingSegments),
 }));

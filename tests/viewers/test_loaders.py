@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -13,7 +12,11 @@ import pytest
 from agent.domain import Measurement, SegmentSpec
 from tests.encode import SEGMENTS, encode, synthetic_masks, write_synthetic_ct
 from tests.support.data import dicom_files, shared_data
-from tests.support.viewers import cornerstone_labelmap, run_loader
+from tests.support.viewers import (
+    assert_labelmaps_are_highdicoms,
+    cornerstone_labelmaps,
+    run_loader,
+)
 
 
 @dataclass(frozen=True)
@@ -77,20 +80,26 @@ def test_dcmjs_reads_seg_and_sr(case: Case) -> None:
 
 
 def test_cornerstone_labelmap_equals_highdicom(case: Case, tmp_path: Path) -> None:
-    summary, labelmap = cornerstone_labelmap(case.seg_path, case.sources, tmp_path)
+    summary, labelmaps = cornerstone_labelmaps(case.seg_path, case.sources, tmp_path)
     assert summary["labelmaps"] == 1 and not summary["overlapping"]
     assert summary["segments"] == {str(s.number): s.label for s in SEGMENTS}
-    seg = hd.seg.segread(case.seg_path)
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in case.sources]
-    expected = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids,
-        combine_segments=True,
-        relabel=False,
-        assert_missing_frames_are_empty=True,
-    )
-    assert labelmap.shape == expected.shape
-    assert np.array_equal(labelmap, expected)
-    assert np.count_nonzero(labelmap) == sum(m.voxel_count for m in case.measurements)
+    assert_labelmaps_are_highdicoms(labelmaps, case.seg_path, case.sources)
+    assert np.count_nonzero(labelmaps) == sum(m.voxel_count for m in case.measurements)
+
+
+def test_cornerstone_spreads_overlapping_segments_over_labelmaps(
+    synthetic: Case, tmp_path: Path
+) -> None:
+    # Models may give overlapping segments (a body and the organs in it).
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in synthetic.sources]
+    masks = synthetic_masks(len(headers), int(headers[0].Rows), int(headers[0].Columns))
+    masks[2] = masks[0] | masks[1]
+    encoded = encode(headers, masks, 1.0)
+    seg_path = tmp_path / "seg.dcm"
+    encoded.seg.save_as(seg_path, enforce_file_format=True)
+    summary, labelmaps = cornerstone_labelmaps(seg_path, synthetic.sources, tmp_path)
+    assert summary["overlapping"] and summary["labelmaps"] > 1
+    assert_labelmaps_are_highdicoms(labelmaps, seg_path, synthetic.sources)
 
 
 def test_cornerstone_reads_each_segment_point(case: Case) -> None:
