@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
@@ -28,6 +29,7 @@ from agent.dicom.uids import OutputUids
 from agent.domain import Code, Measurement, ModelIdentity, SegmentSpec
 from agent.encode import charset, equipment
 from agent.encode.seg import tracking_uid
+from agent.encode.sr_points import RepresentativePoint, representative_points
 from agent.errors import PermanentError
 
 # Either coding of "Anatomical Structure" means the segment's type names a body part.
@@ -51,11 +53,14 @@ def build_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Comprehensive 3D SR (TID 1500) for `measurements` of the segments of `seg`.
 
-    One TID 1411 Volumetric ROI measurement group per segment, referencing the segment of
-    `seg` and the source series, with tracking identifier and UID equal to the SEG's, the
-    segment's category and type as finding category and type (and as finding site for
-    anatomical structures), Volume in cm3 (ml) and, if the segment has voxels, mean attenuation in
-    HU. An empty segment keeps its group with volume 0 and no mean, which is undefined.
+    One TID 1411 Volumetric ROI measurement group per segment with voxels, referencing the
+    segment of `seg` and the source series, with tracking identifier and UID equal to the
+    SEG's, the segment's category and type as finding category and type (and as finding site
+    for anatomical structures), Volume in cm3 and (CT only) mean attenuation in HU; followed by
+    a TID 1410 group of the same finding whose Image Region is a representative point: a pixel
+    of the segment on its largest cross-section. Empty segments are named in a Comment with
+    their volume of 0; if every segment is empty, each keeps a TID 1411 group with volume 0
+    and no mean (which is undefined), as TID 1500 needs one measurement group.
 
     `source` are the headers of the images `seg` was derived from, as for `build_seg` (one
     multi-frame image or single-frame images); they are the report's evidence, with `seg`.
@@ -77,12 +82,27 @@ def build_sr(
     # A mean is an attenuation in HU only for CT (PS3.3 C.8.2.1: Rescale Type HU); other
     # modalities' pixel values have no standard unit, so their SR reports volumes only.
     attenuation = str(source[0].get("Modality", "")) == "CT"
-    groups = [
-        _measurement_group(
-            spec, by_number[spec.number], seg, uids, algorithm, source_series, attenuation
+    # --- measurement groups: one TID 1411 per segment with voxels, and its location ---
+    # Viewers that show measurements at a place (OHIF) read a group's values only together
+    # with image coordinates, which TID 1411 allows only instead of the Referenced Segment
+    # (rows 5, 7 and 10 are exclusive). A second group, TID 1410 with the same tracking
+    # identifier and UID, marks a representative point of the segment; viewers merge the two
+    # by Tracking Unique Identifier. An empty segment has no place: its volume of 0 ml is
+    # stated in a Comment, unless every segment is empty (TID 1500 needs a measurement group).
+    points = representative_points(seg)
+    _check_points(points, measurements)
+    located = [spec for spec in segments if spec.number in points] or list(segments)
+    groups: list[_Group] = []
+    for spec in located:
+        groups.append(
+            _measurement_group(
+                spec, by_number[spec.number], seg, uids, algorithm, source_series, attenuation
+            )
         )
-        for spec in segments
-    ]
+        if spec.number in points:
+            groups.append(_location_group(spec, points[spec.number], uids, algorithm))
+    empty = [spec for spec in segments if spec not in located]
+    # --- end of measurement groups ---
     # TID 1001 observer context: the model is the device observer (TID 1004).
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -106,6 +126,14 @@ def build_sr(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     )
+    if empty:
+        report[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=coded(COMMENT),
+                value=_empty_segments_comment(empty),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[equipment.highdicom_source(source[0]), *source[1:], seg],
         content=report[0],
@@ -179,6 +207,65 @@ def _measurement_group(
         algorithm_id=algorithm,
         measurements=items,
     )
+
+
+_Group = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _location_group(
+    spec: SegmentSpec,
+    point: RepresentativePoint,
+    uids: OutputUids,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of the same finding: a pixel of the segment, on its source image.
+
+    Its Geometric purpose of region would be (128140, DCM, "Representative point") of CID 219,
+    which PixelMed's DicomSRValidator (2022) rejects: its CID 219 predates that code. The row
+    is optional, and left out.
+    """
+    frames = [point.frame_number] if point.frame_number is not None else None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uids, spec.number), identifier=spec.tracking_id
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POINT,
+            # The pixel's centre (PS3.3 C.18.6.1.1: column, row; pixel corners at integers).
+            graphic_data=np.array([[point.column + 0.5, point.row + 0.5]]),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=point.sop_class_uid,
+                referenced_sop_instance_uid=point.sop_instance_uid,
+                referenced_frame_numbers=frames,
+            ),
+        ),
+        finding_category=coded(spec.category),
+        finding_type=coded(spec.type),
+        finding_sites=[hd.sr.FindingSite(coded(spec.type))]
+        if _is_anatomic(spec.category)
+        else None,
+        algorithm_id=algorithm,
+    )
+
+
+def _empty_segments_comment(empty: Sequence[SegmentSpec]) -> str:
+    names = "; ".join(f"{spec.label} ({spec.tracking_id})" for spec in empty)
+    return f"No voxels segmented, volume 0 ml: {names}"
+
+
+def _check_points(
+    points: dict[int, RepresentativePoint], measurements: Sequence[Measurement]
+) -> None:
+    for m in measurements:
+        if (m.voxel_count > 0) != (m.segment_number in points):
+            # The SR's volumes and the SEG's frames come from the same masks.
+            raise PermanentError(
+                f"segment {m.segment_number}: {m.voxel_count} voxels measured, "
+                f"{'some' if m.segment_number in points else 'none'} in the SEG"
+            )
 
 
 def _is_anatomic(category: Code) -> bool:

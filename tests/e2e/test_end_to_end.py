@@ -13,6 +13,7 @@ import pytest
 from agent.db.database import Database
 from agent.db.states import State
 from tests.e2e.outputs import fetch_outputs
+from tests.support import viewers
 from tests.support.agent import (
     AgentProcess,
     agent_database,
@@ -98,7 +99,10 @@ def _run_scenario(
         )
         assert done.state == State.DONE, f"{done.state}: {done.reason}\n{agent.log_tail()}"
 
-    fetch_outputs(orthanc, ct.study_uid, ct.series_uid, ct.sops, tmp_path / "ct")
+    sent_ct = fetch_outputs(orthanc, ct.study_uid, ct.series_uid, ct.sops, tmp_path / "ct")
+    if viewers.wanted():
+        # What OHIF and Cornerstone3D make of what the agent sent (skipped without Node here).
+        viewers.assert_viewers_load(sent_ct.seg_path, sent_ct.sr_path, ct.files, tmp_path)
     _check_phantom(orthanc, phantom, tmp_path / "phantom")
     assert orthanc.find_study(mr.study_uid) is None  # nothing was sent for the skipped study
 

@@ -91,6 +91,12 @@ def measurements_for(masks: np.ndarray, voxel_ml: float) -> list[Measurement]:
     return result
 
 
+def empty_segments_comment(empty: Sequence[SegmentSpec]) -> str:
+    """The SR's Comment that names the segments without voxels."""
+    names = "; ".join(f"{spec.label} ({spec.tracking_id})" for spec in empty)
+    return f"No voxels segmented, volume 0 ml: {names}"
+
+
 @dataclass(frozen=True)
 class Encoded:
     """A SEG and its SR over one set of source headers, with what went into them."""

@@ -221,6 +221,16 @@ def test_sr_over_enhanced_ct_references_the_multiframe_instance(
         segment = group.referenced_segment
         assert segment is not None
         assert [i.UID for i in segment if i.ValueType == "UIDREF"] == [source.SeriesInstanceUID]
+    # Each segment's representative point is on a stored frame of the multi-frame source.
+    stored = {k + 1 for _, k in _mapping(STORED, range(10))}
+    planar = content.get_planar_roi_measurement_groups()
+    assert planar
+    for group in planar:
+        assert group.roi is not None
+        (image,) = [i for i in group.roi.ContentSequence if i.ValueType == "IMAGE"]
+        reference = image.ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert int(reference.ReferencedFrameNumber) in stored
 
 
 def test_all_empty_masks_over_enhanced_ct_give_one_frame_per_segment(

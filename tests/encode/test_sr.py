@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from tests.encode import (
     SEGMENTS,
     SLICE_THICKNESS_MM,
     SYNTHETIC_SIZE,
+    empty_segments_comment,
     encode,
     read_headers,
     synthetic_masks,
@@ -145,14 +145,18 @@ def test_sr_is_a_tid_1500_report_with_device_observer(built: Built) -> None:
         for item in root
         if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value and item.ValueType == "TEXT"
     ]
-    assert comments == [DISCLAIMER]
+    pairs = zip(SEGMENTS, built.measurements, strict=True)
+    empty = [spec for spec, m in pairs if not m.voxel_count]
+    assert empty, "the inputs should have an empty segment"
+    assert comments == [DISCLAIMER, empty_segments_comment(empty)]
 
 
 def test_sr_groups_reference_seg_segments(built: Built) -> None:
     sr = hd.sr.srread(built.path)
     groups = _report(sr).get_volumetric_roi_measurement_groups()
-    assert len(groups) == len(SEGMENTS)
-    for spec, group in zip(SEGMENTS, groups, strict=True):
+    located = _located(built)
+    assert len(groups) == len(located)
+    for spec, group in zip(located, groups, strict=True):
         segment = group.referenced_segment
         assert segment is not None
         reference = segment[0].ReferencedSOPSequence[0]
@@ -177,21 +181,17 @@ def test_sr_groups_reference_seg_segments(built: Built) -> None:
 def test_sr_measurements_equal_inputs(built: Built) -> None:
     sr = hd.sr.srread(built.path)
     groups = _report(sr).get_volumetric_roi_measurement_groups()
-    for measured, group in zip(built.measurements, groups, strict=True):
+    located = [m for m in built.measurements if m.voxel_count]
+    for measured, group in zip(located, groups, strict=True):
         volumes = group.get_measurements(name=coded(VOLUME))
         assert len(volumes) == 1
         assert volumes[0].value == measured.volume_ml
         assert _is(volumes[0].unit, CUBIC_CENTIMETER)
         means = group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))
-        if measured.voxel_count == 0:
-            assert math.isnan(measured.mean_hu)
-            assert means == []
-            assert measured.volume_ml == 0.0
-        else:
-            assert len(means) == 1
-            assert means[0].value == measured.mean_hu
-            assert _is(means[0].unit, HOUNSFIELD_UNIT)
-            assert _is(means[0].derivation, MEAN)
+        assert len(means) == 1
+        assert means[0].value == measured.mean_hu
+        assert _is(means[0].unit, HOUNSFIELD_UNIT)
+        assert _is(means[0].derivation, MEAN)
 
 
 def test_sr_records_evidence_in_current_procedure(built: Built) -> None:
@@ -259,10 +259,9 @@ def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
     sr = _sr_for(synthetic, measured)
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     groups = _report(hd.sr.srread(tmp_path / "sr.dcm")).get_volumetric_roi_measurement_groups()
-    for m, group in zip(measured, groups, strict=True):
+    for m, group in zip(measured[:2], groups, strict=True):
         assert group.get_measurements(name=coded(VOLUME))[0].value == m.volume_ml
-        if m.voxel_count:
-            assert group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))[0].value == m.mean_hu
+        assert group.get_measurements(name=coded(ATTENUATION_COEFFICIENT))[0].value == m.mean_hu
     assert_dciodvfy_clean(tmp_path / "sr.dcm")
     assert_sr_valid(tmp_path / "sr.dcm")
 
@@ -278,6 +277,13 @@ def test_awkward_floats_survive(synthetic: Built, tmp_path: Path) -> None:
             Measurement(3, 0, 0, 0),
         ],
         [Measurement(1, -1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1), Measurement(3, 0, 0, 0)],
+        # Voxels measured where the SEG has none, and none where it has some.
+        [Measurement(1, 1.0, 0.0, 1), Measurement(2, 1.0, 0.0, 1), Measurement(3, 1.0, 0.0, 4)],
+        [
+            Measurement(1, 0.0, float("nan"), 0),
+            Measurement(2, 1.0, 0.0, 1),
+            Measurement(3, 0, 0, 0),
+        ],
     ],
 )
 def test_build_sr_rejects_inconsistent_measurements(
@@ -286,6 +292,61 @@ def test_build_sr_rejects_inconsistent_measurements(
     with pytest.raises(PermanentError) as error:
         _sr_for(synthetic, measured)
     assert synthetic.headers[0].PatientID not in str(error.value)
+
+
+def _located(built: Built) -> list[SegmentSpec]:
+    """The segments with voxels: those that have measurement groups when some segment does."""
+    return [s for s, m in zip(SEGMENTS, built.measurements, strict=True) if m.voxel_count]
+
+
+def test_each_segment_with_voxels_has_a_point_in_it(built: Built) -> None:
+    # TID 1410 groups of the same findings: one pixel of each segment on a source image, for
+    # viewers that show measurements at a place.
+    sr = hd.sr.srread(built.path)
+    planar = _report(sr).get_planar_roi_measurement_groups()
+    located = _located(built)
+    assert len(planar) == len(located)
+    sources = {str(ds.SOPInstanceUID): ds for ds in built.headers}
+    for spec, group in zip(located, planar, strict=True):
+        assert group.tracking_uid == tracking_uid(built.uids, spec.number)
+        assert group.tracking_identifier == spec.tracking_id
+        assert _is(group.finding_type, spec.type)
+        assert group.get_measurements() == []
+        region = group.roi
+        assert region is not None
+        assert region.GraphicType == "POINT"
+        (image,) = [item for item in region.ContentSequence if item.ValueType == "IMAGE"]
+        reference = image.ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID in sources
+        x, y = (float(v) for v in region.GraphicData)
+        column, row = int(x), int(y)
+        assert (x - column, y - row) == (0.5, 0.5)  # the pixel's centre
+        # The pixel is in the segment, on the SEG frame derived from that image.
+        frames = [
+            index + 1
+            for index, item in enumerate(built.seg.PerFrameFunctionalGroupsSequence)
+            if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == spec.number
+            and item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            == reference.ReferencedSOPInstanceUID
+        ]
+        assert len(frames) == 1
+        assert built.seg.get_stored_frame(frames[0])[row, column] == 1
+
+
+def test_when_every_segment_is_empty_each_keeps_a_volume_of_zero(
+    synthetic: Built, tmp_path: Path
+) -> None:
+    # TID 1500 needs a measurement group; with no voxels there is no place to point to.
+    masks = np.zeros((len(SEGMENTS), len(synthetic.headers), SYNTHETIC_SIZE, SYNTHETIC_SIZE), bool)
+    encoded = encode(synthetic.headers, masks, 1.0)
+    encoded.sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    report = _report(hd.sr.srread(tmp_path / "sr.dcm"))
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [s.tracking_id for s in SEGMENTS]
+    for group in groups:
+        assert [m.value for m in group.get_measurements()] == [0.0]
+    assert report.get_planar_roi_measurement_groups() == []
+    assert_dciodvfy_clean(tmp_path / "sr.dcm")
 
 
 def test_build_sr_wants_the_images_the_seg_was_derived_from(synthetic: Built) -> None:
