@@ -130,7 +130,7 @@ def test_ohif_loads_sr_with_every_measurement_labelled(case: Case) -> None:
     for (spec, measured), shown in zip(located, measurements, strict=True):
         labels = {label["label"]: label["value"] for label in shown["labels"]}
         volume, unit = labels["Volume"].split(" ")
-        assert (float(volume), unit) == (pytest.approx(measured.volume_ml, abs=0.0051), "ml")
+        assert (float(volume), unit) == (pytest.approx(measured.volume_ml, abs=0.0051), "cm3")
         mean, unit = labels["Attenuation Coefficient"].split(" ")
         assert (float(mean), unit) == (pytest.approx(measured.mean_hu, abs=0.0051), "[hnsf'U]")
         # OHIF labels an SCT Finding Site by its code value.
