@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom import Dataset
 
@@ -69,12 +71,19 @@ def test_a_retry_encodes_the_same_bytes_dated_at_the_first_attempt(tmp_path: Pat
 
 
 def _exclusive(folder: Path, tmp: Path) -> None:
-    """Rewrite the result in `folder` with each voxel in its first segment only."""
+    """Rewrite the result in `folder` with each voxel in its first segment only, and its
+    voxel counts and volumes to match (a mean is kept: the form under test ignores it)."""
     result = load_result(folder)
     masks = result.masks.copy()
     for k in range(1, len(masks)):
         masks[k] &= ~masks[:k].any(axis=0)
-    save_result(folder, replace(result, masks=masks), tmp)
+    voxel_ml = next(m.volume_ml / m.voxel_count for m in result.measurements if m.voxel_count)
+    measurements = []
+    for m, mask in zip(result.measurements, masks, strict=True):
+        count = int(np.count_nonzero(mask))
+        mean = m.mean_hu if count else math.nan
+        measurements.append(replace(m, voxel_count=count, volume_ml=count * voxel_ml, mean_hu=mean))
+    save_result(folder, replace(result, masks=masks, measurements=tuple(measurements)), tmp)
 
 
 def _export_to_viewer_and_pacs(

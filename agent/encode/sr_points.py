@@ -35,6 +35,7 @@ def representative_points(seg: hd.seg.Segmentation) -> dict[int, RepresentativeP
     LABELMAP frames hold segment numbers as pixel values.
     """
     per_frame = seg.PerFrameFunctionalGroupsSequence
+    shared = seg.SharedFunctionalGroupsSequence[0]
     labelmap = str(seg.SegmentationType) == "LABELMAP"
     best: dict[int, tuple[int, int]] = {}  # segment -> (pixels, 1-based frame number)
     for index, item in enumerate(per_frame):
@@ -43,7 +44,7 @@ def representative_points(seg: hd.seg.Segmentation) -> dict[int, RepresentativeP
             counts = np.bincount(frame.ravel().astype(np.int64))
             present = {n: int(c) for n, c in enumerate(counts) if n > 0 and c > 0}
         else:
-            number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            number = _segment_number(item, shared)
             count = int(np.count_nonzero(frame))
             present = {number: count} if count else {}
         for number, count in present.items():
@@ -66,6 +67,13 @@ def representative_points(seg: hd.seg.Segmentation) -> dict[int, RepresentativeP
             row=int(rows[nearest]),
         )
     return points
+
+
+def _segment_number(item: Dataset, shared: Dataset) -> int:
+    """The segment a BINARY frame belongs to: per frame, or for every frame when the SEG has
+    one segment (PS3.3 C.7.6.16: a functional group is per-frame or shared, not both)."""
+    group = item if "SegmentIdentificationSequence" in item else shared
+    return int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
 
 
 def _source_image(item: Dataset) -> tuple[str, str, int | None] | None:

@@ -81,10 +81,12 @@ def synthetic_masks(slices: int, rows: int, columns: int) -> np.ndarray:
     return masks
 
 
-def measurements_for(masks: np.ndarray, voxel_ml: float) -> list[Measurement]:
+def measurements_for(
+    masks: np.ndarray, voxel_ml: float, segments: Sequence[SegmentSpec] = SEGMENTS
+) -> list[Measurement]:
     """Measurements the way a model worker would report them; an empty segment has no mean."""
     result = []
-    for index, spec in enumerate(SEGMENTS):
+    for index, spec in enumerate(segments):
         count = int(masks[index].sum())
         mean = 40.0 + spec.number if count else float("nan")
         result.append(Measurement(spec.number, count * voxel_ml, mean, count))
@@ -146,7 +148,7 @@ def encode(
         created=created,
         seg_type=seg_type,
     )
-    measured = measurements_for(masks, voxel_ml)
+    measured = measurements_for(masks, voxel_ml, segments)
     sr = build_sr(
         headers,
         seg,

@@ -65,3 +65,13 @@ def test_labelmap_seg_gives_the_binary_segs_points(headers: list[Dataset]) -> No
         device_serial_number="0",
     )
     assert representative_points(labelmap) == representative_points(binary)
+
+
+def test_a_seg_of_one_segment(headers: list[Dataset]) -> None:
+    """highdicom then states the segment once, in the shared functional groups (PS3.3
+    C.7.6.16), not per frame: the points were read per frame only, and the export failed."""
+    masks = _masks(len(headers))[:1]
+    seg = encode(headers, masks, 1.0, segments=SEGMENTS[:1]).seg
+    assert "SegmentIdentificationSequence" not in seg.PerFrameFunctionalGroupsSequence[0]
+    points = representative_points(seg)
+    assert sorted(points) == [1]
