@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -190,23 +191,33 @@ def _measurement_group(
             )
         )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(uids, spec.number), identifier=spec.tracking_id
-        ),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
             segment_number=spec.number,
             source_series=source_series,
         ),
-        finding_category=coded(spec.category),
-        finding_type=coded(spec.type),
-        finding_sites=[hd.sr.FindingSite(coded(spec.type))]
+        measurements=items,
+        **_finding(spec, uids, algorithm),
+    )
+
+
+def _finding(
+    spec: SegmentSpec, uids: OutputUids, algorithm: hd.sr.AlgorithmIdentification
+) -> dict[str, Any]:
+    """What both groups of one segment say of it: the same finding, tracked by the SEG's
+    tracking identifier and UID (viewers merge the groups by it), by the same algorithm."""
+    return {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uids, spec.number), identifier=spec.tracking_id
+        ),
+        "finding_category": coded(spec.category),
+        "finding_type": coded(spec.type),
+        "finding_sites": [hd.sr.FindingSite(coded(spec.type))]
         if _is_anatomic(spec.category)
         else None,
-        algorithm_id=algorithm,
-        measurements=items,
-    )
+        "algorithm_id": algorithm,
+    }
 
 
 _Group = (
@@ -229,9 +240,6 @@ def _location_group(
     """
     frames = [point.frame_number] if point.frame_number is not None else None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(uids, spec.number), identifier=spec.tracking_id
-        ),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POINT,
             # The pixel's centre (PS3.3 C.18.6.1.1: column, row; pixel corners at integers).
@@ -242,12 +250,7 @@ def _location_group(
                 referenced_frame_numbers=frames,
             ),
         ),
-        finding_category=coded(spec.category),
-        finding_type=coded(spec.type),
-        finding_sites=[hd.sr.FindingSite(coded(spec.type))]
-        if _is_anatomic(spec.category)
-        else None,
-        algorithm_id=algorithm,
+        **_finding(spec, uids, algorithm),
     )
 
 
